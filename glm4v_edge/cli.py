@@ -1,0 +1,76 @@
+"""``glm4v-edge``: one command, one subcommand per job.
+
+Each subcommand lives next to the code it drives and exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only wires them up. Heavy imports (torch, transformers) happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "serve": ("server.cli", "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
+    "chat": ("glm4v_edge.chat", "one-shot question about an image, streamed to the terminal"),
+    "info": ("glm4v_edge.info", "check a checkpoint folder and print what it holds"),
+    "make-tiny": ("glm4v_edge.make_tiny", "write a small random checkpoint in the official layout"),
+    "estimate": ("profiling.estimate_cli", "predict weights, KV cache, activations and total memory per precision"),
+    "profile": ("profiling.profile_cli", "measure VRAM and latency per precision, against the fp16 baseline"),
+    "eval": ("profiling.eval_cli", "measure quality per precision against a reference precision"),
+    "report": ("profiling.report_cli", "join profile and eval results into the memory-versus-quality table"),
+    "bench-serve": ("profiling.bench_serve", "load-test any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
+}
+
+
+def _available_commands() -> dict:
+    out = {}
+    for name, (module, help_) in COMMANDS.items():
+        spec = importlib.util.find_spec(module.rsplit(".", 1)[0])
+        if spec is None:
+            continue
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        out[name] = (module, help_)
+    return out
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="glm4v-edge",
+        description="Quantized, low-VRAM, OpenAI-compatible server and tools for GLM-4V-9B.",
+    )
+    parser.add_argument("--version", action="version", version=f"glm4v-edge {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module, help_) in _available_commands().items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().split("\n\n")[0])
+        mod.add_arguments(p)
+        modules[name] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except KeyboardInterrupt:
+        return 130

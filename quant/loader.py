@@ -1,0 +1,152 @@
+"""Load GLM-4V-9B from the official folder at a chosen precision.
+
+The language model is quantized *while* loading by ``from_pretrained(quantization_config=...)``: each tensor is
+read from the safetensors mmap, quantized on the target device and the float copy dropped, so peak memory stays near
+the quantized size plus one tensor. A vision tower at its own precision is handled after that:
+
+* float vision (e.g. nf4 LM + bf16 vision, the recommended arm): it is simply left out of the quantization pass;
+* a different bitsandbytes method (e.g. nf4 LM + int8 vision): it loads in 16-bit and is then quantized in place,
+  one Linear at a time, so peak memory is the quantized LM plus the 16-bit vision tower (~9 GB for the real model).
+
+A quantized model is never moved with ``.to()`` (bitsandbytes forbids it; GLM-4 #168).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glm4v import ChatGLMForConditionalGeneration, GLM4Tokenizer, ImageProcessor
+from glm4v.checkpoint import CheckpointInfo, inspect_checkpoint
+
+from .bnb import fix_cpu_4bit_layers, layer_types, quantize_linears
+from .memory import weight_bytes
+from .precision import FLOAT_PRECISIONS, VISION, PrecisionSpec
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class LoadedModel:
+    """Everything a caller needs to run the model, and the facts to report about it."""
+
+    model: ChatGLMForConditionalGeneration
+    tokenizer: GLM4Tokenizer
+    image_processor: ImageProcessor
+    spec: PrecisionSpec
+    device: torch.device
+    model_dir: Path
+    vision_size: int
+    load_s: float
+    checkpoint: CheckpointInfo
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def image_tokens(self, vision_size: int | None = None) -> int:
+        return self.config.vision.image_tokens(vision_size or self.vision_size)
+
+    def describe(self) -> dict:
+        """What was loaded, as plain JSON: precision spec, the layer classes actually present, sizes."""
+        d = self.spec.describe()
+        d["layers"] = {
+            "language_model": layer_types(self.model, "transformer.encoder"),
+            "lm_head": layer_types(self.model, "transformer.output_layer"),
+            "vision": layer_types(self.model, VISION),
+        }
+        d["vision_size"] = self.vision_size
+        d["image_tokens"] = self.image_tokens()
+        d["weight_bytes"] = self.weight_bytes.get("total")
+        d["num_parameters"] = self.checkpoint.num_parameters
+        return d
+
+
+def load(
+    model_dir: str | Path,
+    precision: str = "bf16",
+    vision_precision: str | None = None,
+    device: str | torch.device | None = None,
+    vision_size: int | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    double_quant: bool = True,
+    quantize_lm_head: bool = False,
+    spec: PrecisionSpec | None = None,
+) -> LoadedModel:
+    """Load the checkpoint in ``model_dir``; returns model, tokenizer, image processor and precision spec together.
+
+    ``vision_size`` (a multiple of 28, up to the trained 1120) runs the vision tower at a smaller resolution with
+    its position table resampled; by default the checkpoint's own ``image_size``.
+    """
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
+    if spec is None:
+        spec = PrecisionSpec(
+            precision=precision,
+            vision_precision=vision_precision,
+            compute_dtype=compute_dtype,
+            double_quant=double_quant,
+            quantize_lm_head=quantize_lm_head,
+        )
+    spec = spec.resolve(device)
+
+    vc = info.config.vision
+    vision_size = vision_size or vc.image_size
+    check_vision_size(vision_size, vc.image_size)
+
+    load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
+    model = ChatGLMForConditionalGeneration.from_pretrained(
+        str(model_dir),
+        dtype=load_dtype,
+        quantization_config=spec.bnb_config(),
+        device_map={"": device},
+    )
+    vision = model.transformer.vision
+    if spec.vision_precision != spec.precision:
+        if spec.vision_quantized:
+            quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
+        elif spec.vision_dtype() != load_dtype:
+            vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
+    if device.type == "cpu":
+        fix_cpu_4bit_layers(model)
+    model.eval()
+    if vision_size != vc.image_size:
+        vision.patch_embedding.position_table(vision_size // vc.patch_size)  # resample once, at load
+
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=GLM4Tokenizer.from_pretrained(model_dir),
+        image_processor=ImageProcessor(vision_size),
+        spec=spec,
+        device=device,
+        model_dir=model_dir,
+        vision_size=vision_size,
+        load_s=time.perf_counter() - t0,
+        checkpoint=info,
+    )
+    loaded.weight_bytes = weight_bytes(model)
+    log.info(
+        "loaded %s at %s on %s in %.1fs (%.2f GiB of weights)",
+        model_dir, spec.label(), device, loaded.load_s, loaded.weight_bytes["total"] / 2**30,
+    )
+    return loaded
+
+
+def check_vision_size(size: int, trained: int) -> None:
+    """A multiple of 28 from 224 (half the trained size for small test checkpoints) up to the trained size."""
+    low = min(224, trained // 2)
+    if size % 28 or not low <= size <= trained:
+        raise ValueError(f"vision size {size} must be a multiple of 28 between {low} and the trained size {trained}")
