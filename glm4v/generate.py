@@ -89,7 +89,7 @@ def generate(
     params = params or SamplingParams()
     max_len = max_len or model.config.seq_length
     cache = model.new_cache(max_len=max_len)
-    sampler = Sampler(params, model.config.padded_vocab_size, model.embed_device, input_ids)
+    sampler = Sampler(params, tokenizer.vocab_size, model.embed_device, input_ids)
     stream = TextStream(tokenizer, params.stop)
     stops = stop_token_ids(model, params)
 

@@ -48,7 +48,11 @@ class SamplingParams:
 
 
 class Sampler:
-    """The per-sequence state of sampling: its generator and the token counts penalties need."""
+    """The per-sequence state of sampling: its generator and the token counts penalties need.
+
+    ``vocab_size`` is the tokenizer's: the padding rows of the embedding matrix (151343…151551 in GLM-4V) are never
+    sampled, whatever the logits say.
+    """
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, prompt_ids: list[int] = ()):
         self.params = params
@@ -108,6 +112,7 @@ class Sampler:
 
 def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     """(B, V) logits, one sampler per row → B token ids, with a single device→host transfer."""
+    logits = logits[:, : samplers[0].vocab_size]  # drop the padding rows of the LM head
     if all(s.params.greedy and s.seen is None and s.output_counts is None for s in samplers):
         tokens = logits.argmax(dim=-1).tolist()
     else:

@@ -105,6 +105,8 @@ class GLM4Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         if token_id in self._id_to_special:
             return self._id_to_special[token_id].encode()
+        if token_id >= self.n_ranks:
+            return b""  # an unused id (embedding padding): nothing to print
         return self.encoding.decode_single_token_bytes(token_id)
 
     def is_special(self, token_id: int) -> bool:

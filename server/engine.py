@@ -1,0 +1,432 @@
+"""The engine: one thread owns the model and runs continuous batching over a preallocated KV cache.
+
+Requests queue (bounded) and are admitted while cache rows are free. Each loop iteration does at most one chunk of
+one prompt's prefill (its image is encoded once, at the first chunk) and then one decode step for every running
+sequence together — decode on one GPU is memory-bound, so a batch of 8 costs little more than a batch of 1. A
+sequence that finishes or is cancelled leaves at the next step; its cache row is refilled by moving the last
+running row into it, so running rows stay contiguous and a decode step reads one slice of the cache.
+
+How long a new prompt can stall everyone else's stream: one prefill chunk (``prefill_chunk`` tokens, default 512)
+plus, for an image, one vision-encoder pass. Long prompts are split into chunks with decode steps in between.
+
+The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
+whoever submitted them — an asyncio consumer (the server) or a plain thread (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from glm4v.generate import stop_token_ids
+from glm4v.kv_cache import CacheStep
+from glm4v.sampling import Sampler, SamplingParams, sample_batch
+from glm4v.text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    pixel_values: torch.Tensor | None = None  # (3, N, N) normalized
+    request_id: str = ""
+
+    def cache_entries(self, image_tokens: int) -> int:
+        """Cache entries the prompt occupies: the image's 3 placeholder tokens become ``image_tokens`` entries."""
+        return len(self.prompt_ids) + (image_tokens - 3 if self.pixel_values is not None else 0)
+
+
+@dataclass
+class Event:
+    kind: str  # "delta" | "finish" | "error"
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    error: BaseException | None = None
+
+
+@dataclass
+class Timings:
+    """Wall-clock timestamps (time.perf_counter) of one request, for metrics and profiling."""
+
+    submitted: float = 0.0
+    started: float | None = None  # left the queue, prefill began
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+class _Channel:
+    """Delivers events from the engine thread to an asyncio consumer or to a blocking reader."""
+
+    def __init__(self):
+        try:
+            self.loop = asyncio.get_running_loop()
+            self.aq: asyncio.Queue | None = asyncio.Queue()
+            self.q = None
+        except RuntimeError:
+            self.loop, self.aq, self.q = None, None, queue.Queue()
+
+    def put(self, ev: Event) -> None:
+        if self.aq is not None:
+            try:
+                self.loop.call_soon_threadsafe(self.aq.put_nowait, ev)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+        else:
+            self.q.put(ev)
+
+
+class RequestHandle:
+    """What ``submit`` returns: iterate it (async or not) for events; ``cancel()`` stops generation."""
+
+    def __init__(self, request: GenerationRequest, prompt_tokens: int):
+        self.request = request
+        self.request_id = request.request_id
+        self.prompt_tokens = prompt_tokens  # as the model sees it: image embeddings counted
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.timings = Timings(submitted=time.perf_counter())
+        self._cancelled = threading.Event()
+        self._channel = _Channel()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _emit(self, ev: Event) -> None:
+        self._channel.put(ev)
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        if self._channel.aq is None:
+            raise RuntimeError("this handle was created outside an event loop; iterate it synchronously")
+        while True:
+            ev = await self._channel.aq.get()
+            yield ev
+            if ev.kind != "delta":
+                return
+
+    def __iter__(self):
+        if self._channel.q is None:
+            raise RuntimeError("this handle was created inside an event loop; iterate it with `async for`")
+        while True:
+            ev = self._channel.q.get()
+            yield ev
+            if ev.kind != "delta":
+                return
+
+
+@dataclass
+class _Sequence:
+    handle: RequestHandle
+    sampler: Sampler
+    stream: TextStream
+    stops: set[int]
+    max_new: int
+    generated: int = 0
+    last_token: int = -1
+    # prefill state
+    embeds: torch.Tensor | None = None  # (1, S, H) with the image spliced in
+    positions: torch.Tensor | None = None  # (1, S)
+    next_position: int = 0
+    done_entries: int = 0
+    row: int = -1  # cache row written during prefill (the first free row when it began)
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    prefilling: int
+    max_batch_size: int
+    max_model_len: int
+    requests_total: int
+    kv_cache_bytes: int
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        hooks=None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len or model.config.seq_length
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.hooks = hooks
+        self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
+        self.device = model.embed_device
+        # One extra row is never needed: a prefill always writes into the first free row.
+        self.cache = model.new_cache(max_len=self.max_model_len, max_batch=max_batch_size)
+        self._waiting: deque[RequestHandle] = deque()
+        self._running: list[_Sequence] = []  # row i of the cache holds _running[i]
+        self._prefilling: _Sequence | None = None
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self.requests_total = 0
+
+    # ---- public API (any thread) ----------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="glm4v-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        if request.pixel_values is None:
+            return len(request.prompt_ids)
+        return request.cache_entries(self.model.config.vision.image_tokens(request.pixel_values.shape[-1]))
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises QueueFullError / EngineStoppedError / ValueError (does not fit the context)."""
+        if not request.request_id:
+            request.request_id = f"req-{next(self._ids)}"
+        prompt_tokens = self.prompt_tokens(request)
+        if prompt_tokens + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt needs {prompt_tokens} tokens but the context (max_model_len) is {self.max_model_len}"
+            )
+        handle = RequestHandle(request, prompt_tokens)
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (limit {self.max_queue})")
+            self._waiting.append(handle)
+            self.requests_total += 1
+            self._cv.notify()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(
+                waiting=len(self._waiting),
+                running=len(self._running),
+                prefilling=int(self._prefilling is not None),
+                max_batch_size=self.max_batch_size,
+                max_model_len=self.max_model_len,
+                requests_total=self.requests_total,
+                kv_cache_bytes=self.cache.nbytes,
+            )
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let running ones finish for up to ``timeout`` s, then cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.stats()
+            if s.waiting == 0 and s.running == 0 and s.prefilling == 0:
+                break
+            time.sleep(0.02)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        # Anything still queued or running ends cleanly for its consumer.
+        for h in list(self._waiting):
+            h._emit(Event("finish", finish_reason="cancelled"))
+        self._waiting.clear()
+
+    # ---- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._has_work():
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                try:
+                    if self._prefilling is not None:
+                        self._prefill_step()
+                    if self._running:
+                        self._decode_step()
+                except Exception:  # never let the thread die: fail what was in flight, keep serving
+                    log.exception("engine step failed")
+            for seq in self._running + ([self._prefilling] if self._prefilling else []):
+                seq.handle._emit(Event("finish", finish_reason="cancelled"))
+            self._running.clear()
+            self._prefilling = None
+
+    def _has_work(self) -> bool:
+        return bool(self._running or self._prefilling or self._waiting)
+
+    def _admit(self) -> None:
+        """Start the next prefill if none is in progress and a cache row is free (called under the lock)."""
+        while self._waiting and self._prefilling is None and len(self._running) < self.max_batch_size:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                handle._emit(Event("finish", finish_reason="cancelled"))
+                continue
+            self._prefilling = self._new_sequence(handle)
+
+    def _new_sequence(self, handle: RequestHandle) -> _Sequence:
+        req = handle.request
+        p = req.params
+        return _Sequence(
+            handle=handle,
+            sampler=Sampler(p, self.vocab_size, self.device, req.prompt_ids),
+            stream=TextStream(self.tokenizer, p.stop),
+            stops=stop_token_ids(self.model, p),
+            max_new=min(p.max_new_tokens, self.max_model_len - handle.prompt_tokens),
+        )
+
+    def _fail(self, seq: _Sequence, err: BaseException) -> None:
+        seq.handle.finish_reason = "error"
+        seq.handle.timings.finished = time.perf_counter()
+        seq.handle._emit(Event("error", error=err))
+
+    def _prefill_step(self) -> None:
+        seq = self._prefilling
+        h = seq.handle
+        if h.cancelled:
+            self._prefilling = None
+            h._emit(Event("finish", finish_reason="cancelled"))
+            return
+        if seq.embeds is None:
+            seq.row = len(self._running)
+        row = seq.row
+        try:
+            if seq.embeds is None:  # first chunk: build the spliced embeddings once (encodes the image)
+                h.timings.started = time.perf_counter()
+                self.cache.reset(row)
+                req = h.request
+                ids = torch.tensor([req.prompt_ids], device=self.device)
+                pos = torch.arange(len(req.prompt_ids), device=self.device)[None]
+                image_embeds = None
+                if req.pixel_values is not None:
+                    self._hook("vision_start")
+                    image_embeds = self.model.encode_images(req.pixel_values[None])
+                    self._hook("vision_end")
+                seq.embeds, seq.positions = self.model.embed(ids, pos, image_embeds=image_embeds)
+                seq.next_position = len(req.prompt_ids)
+            start = seq.done_entries
+            end = min(start + self.prefill_chunk, seq.embeds.shape[1])
+            step = CacheStep.build(self.cache, row, 1, end - start, self.device)
+            logits = self.model.forward_embeds(
+                seq.embeds[:, start:end], seq.positions[:, start:end], step, logits_to_keep=1
+            )
+            step.commit(end - start, [seq.next_position])
+            seq.done_entries = end
+        except Exception as e:
+            self._prefilling = None
+            self.cache.reset(row)
+            self._after_error(e)
+            self._fail(seq, e)
+            return
+        if end < seq.embeds.shape[1]:
+            return  # more chunks; decode steps for the others run in between
+        seq.embeds = seq.positions = None
+        self._prefilling = None
+        if row != len(self._running):  # rows finished meanwhile: close the gap so running rows stay contiguous
+            self.cache.move_row(row, len(self._running))
+            self.cache.reset(row)
+        self._running.append(seq)
+        self._accept_tokens([seq], sample_batch(logits[:, -1], [seq.sampler]), first=True)
+
+    def _decode_step(self) -> None:
+        seqs = self._running
+        tokens = [s.last_token for s in seqs]
+        try:
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            logits = self.model(ids, cache=self.cache, cache_row=0, logits_to_keep=1).logits[:, -1]
+            chosen = sample_batch(logits, [s.sampler for s in seqs])
+        except Exception as e:
+            self._after_error(e)
+            for s in seqs:
+                self._fail(s, e)
+            self._running = []
+            return
+        self._accept_tokens(list(seqs), chosen, first=False)
+
+    def _accept_tokens(self, seqs: list[_Sequence], tokens: list[int], first: bool) -> None:
+        now = time.perf_counter()
+        self._hook("first_token" if first else "token")
+        finished = []
+        for seq, tok in zip(seqs, tokens):
+            h = seq.handle
+            if first:
+                h.timings.first_token = now
+            h.timings.token_times.append(now)
+            seq.generated += 1
+            h.completion_tokens = seq.generated
+            seq.last_token = tok
+            reason = None
+            if h.cancelled:
+                reason = "cancelled"
+                text = ""
+            elif tok in seq.stops:
+                reason, text = "stop", seq.stream.finish()
+            else:
+                text, hit = seq.stream.push(tok)
+                if hit:
+                    reason = "stop"
+                elif seq.generated >= seq.max_new:
+                    reason, text = "length", text + seq.stream.finish()
+            if text or reason is None:
+                h._emit(Event("delta", text=text, token_ids=[tok]))
+            if reason is not None:
+                h.finish_reason = reason
+                h.timings.finished = now
+                h._emit(Event("finish", finish_reason=reason))
+                finished.append(seq)
+        for seq in finished:
+            self._remove(seq)
+
+    def _remove(self, seq: _Sequence) -> None:
+        """Free the sequence's row; the last running row moves into it so rows stay contiguous."""
+        i = self._running.index(seq)
+        last = len(self._running) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self._running[i] = self._running[last]
+        self._running.pop()
+        self.cache.reset(last)
+
+    def _after_error(self, e: BaseException) -> None:
+        if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _hook(self, name: str) -> None:
+        if self.hooks is not None:
+            self.hooks.on_event(name)

@@ -1,0 +1,163 @@
+"""Continuous batching: batched results equal solo results, cancellation, queueing, mixed requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from glm4v import Message, SamplingParams, build_prompt
+from glm4v.generate import generate_text
+from server.engine import Engine, GenerationRequest, QueueFullError
+
+
+def _ids(lm, text, image=False):
+    return build_prompt(lm.tokenizer, [Message("user", text, has_image=image)]).ids
+
+
+def _collect(handle):
+    text, toks, reason = [], [], None
+    for ev in handle:
+        if ev.kind == "delta":
+            text.append(ev.text)
+            toks += ev.token_ids
+        elif ev.kind == "finish":
+            reason = ev.finish_reason
+        else:
+            raise ev.error
+    return "".join(text), toks, reason
+
+
+@pytest.fixture
+def engine(tiny_fp32):
+    eng = Engine(tiny_fp32.model, tiny_fp32.tokenizer, max_batch_size=4, max_model_len=256, max_queue=8,
+                 prefill_chunk=16).start()
+    yield eng
+    eng.shutdown(timeout=5)
+
+
+def test_batched_greedy_equals_each_alone(tiny_fp32, engine):
+    lm = tiny_fp32
+    blue = lm.image_processor(Image.new("RGB", (90, 60), "blue"))
+    red = lm.image_processor(Image.new("RGB", (30, 80), "red"))
+    reqs = [
+        (_ids(lm, "describe the picture", image=True), blue),
+        (_ids(lm, "what colour is the shape in this image, answer in one word please"), None),
+        (_ids(lm, "hi"), None),
+        (_ids(lm, "count the squares", image=True), red),
+        (_ids(lm, "tell me a long story about the quick brown fox and the lazy dog " * 3), None),
+    ]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    handles = [engine.submit(GenerationRequest(ids, params, px)) for ids, px in reqs]
+    results = [_collect(h) for h in handles]
+    for (ids, px), (text, toks, reason), h in zip(reqs, results, handles):
+        alone_text, alone_toks, alone_reason = generate_text(lm.model, lm.tokenizer, ids, px, params)
+        assert toks == alone_toks
+        assert text == alone_text
+        assert reason == alone_reason == "length"
+        assert h.completion_tokens == 12
+        expected_prompt = len(ids) + (lm.image_tokens() - 3 if px is not None else 0)
+        assert h.prompt_tokens == expected_prompt
+
+
+def test_seeded_sampling_is_independent_of_batch_company(tiny_fp32, engine):
+    lm = tiny_fp32
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    solo = _collect(engine.submit(GenerationRequest(_ids(lm, "pick a word"), params)))
+    other = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    hs = [engine.submit(GenerationRequest(_ids(lm, "noise " * k), other)) for k in range(1, 3)]
+    mine = engine.submit(GenerationRequest(_ids(lm, "pick a word"), params))
+    together = _collect(mine)
+    for h in hs:
+        _collect(h)
+    assert together[1] == solo[1]
+
+
+def test_full_batch_queues_next_request(tiny_fp32):
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=2, max_model_len=512, max_queue=8).start()
+    try:
+        long = SamplingParams(max_new_tokens=150, temperature=0, ignore_eos=True)
+        a = eng.submit(GenerationRequest(_ids(lm, "a"), long))
+        b = eng.submit(GenerationRequest(_ids(lm, "b"), long))
+        c = eng.submit(GenerationRequest(_ids(lm, "c"), SamplingParams(max_new_tokens=3, temperature=0)))
+        deadline = time.time() + 10
+        while eng.stats().running < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        s = eng.stats()
+        assert s.running == 2 and s.waiting == 1  # c waits for a free row
+        results = [_collect(h) for h in (a, b, c)]
+        assert c.timings.started >= min(a.timings.finished, b.timings.finished)
+        assert [r[2] for r in results[:2]] == ["length", "length"]
+        assert results[2][2] in ("length", "stop")
+    finally:
+        eng.shutdown(timeout=5)
+
+
+def test_queue_bound_raises(tiny_fp32):
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=1, max_model_len=128, max_queue=2)  # not started
+    p = SamplingParams(max_new_tokens=2)
+    eng.submit(GenerationRequest(_ids(lm, "x"), p))
+    eng.submit(GenerationRequest(_ids(lm, "y"), p))
+    with pytest.raises(QueueFullError, match="limit 2"):
+        eng.submit(GenerationRequest(_ids(lm, "z"), p))
+
+
+def test_context_overflow_is_rejected_at_submit(tiny_fp32):
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=1, max_model_len=32)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.submit(GenerationRequest(_ids(lm, "word " * 40), SamplingParams(max_new_tokens=2)))
+
+
+def test_cancel_mid_batch_frees_the_row_and_others_continue(tiny_fp32, engine):
+    lm = tiny_fp32
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+    victim = engine.submit(GenerationRequest(_ids(lm, "victim"), long))
+    keeper = engine.submit(GenerationRequest(_ids(lm, "keeper"), SamplingParams(max_new_tokens=40, temperature=0,
+                                                                               ignore_eos=True)))
+    got = []
+
+    def read():
+        for ev in victim:
+            got.append(ev)
+            if len(got) == 5:
+                victim.cancel()
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join(timeout=20)
+    assert got[-1].kind == "finish" and got[-1].finish_reason == "cancelled"
+    assert victim.completion_tokens < 200
+    text, toks, reason = _collect(keeper)
+    assert reason == "length" and len(toks) == 40
+    alone = generate_text(lm.model, lm.tokenizer, _ids(lm, "keeper"), None,
+                          SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    assert toks == alone[1]
+    deadline = time.time() + 5
+    while engine.stats().running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().running == 0
+
+
+def test_stop_string_and_eos(tiny_fp32, engine):
+    lm = tiny_fp32
+    ids = _ids(lm, "hello")
+    free = _collect(engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0,
+                                                                        ignore_eos=True))))
+    text = free[0]
+    assert len(text) > 4
+    stop = text[2:4]
+    cut = _collect(engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0,
+                                                                       ignore_eos=True, stop=[stop]))))
+    assert cut[2] == "stop"
+    assert cut[0] == text[: text.index(stop)]
+    eos_tok = free[1][3]
+    h = engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[eos_tok])))
+    by_id = _collect(h)
+    k = free[1].index(eos_tok)
+    assert by_id[2] == "stop" and by_id[1] == free[1][:k]  # the stop token itself is not streamed as text
+    assert h.completion_tokens == k + 1  # ... but it was generated, and usage counts it
