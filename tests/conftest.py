@@ -49,7 +49,7 @@ def tiny_fp32(load_tiny):
     return load_tiny("fp32")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def red_image():
     from PIL import Image
 
