@@ -84,11 +84,11 @@ def train_ranks(n_ranks: int, corpus: str = _CORPUS) -> dict[bytes, int]:
             seqs[w] = out
     # Fill the rest with two-letter merges (valid BPE entries: both halves are bytes), so random text stays readable.
     letters = "etaoinshrdlucmfwypvbgkjqxz"
-    for a in " " + letters:
-        for b in letters:
-            if len(ranks) >= n_ranks:
-                break
-            ranks.setdefault((a + b).encode(), len(ranks))
+    pairs = [a + b for a in " " + letters for b in letters]
+    for piece in pairs + [p + c for p in pairs for c in letters]:  # "ab" then "ab"+"c": each a valid merge
+        if len(ranks) >= n_ranks:
+            break
+        ranks.setdefault(piece.encode(), len(ranks))
     if len(ranks) < n_ranks:
         raise ValueError(f"cannot build {n_ranks} ranks from the built-in corpus")
     return ranks
@@ -242,6 +242,7 @@ def write_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = make_config(preset, image_size, **overrides)
+    ranks = train_ranks(config["pad_token_id"])  # the special tokens start right after the ranks
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps(
@@ -259,7 +260,7 @@ def write_checkpoint(
         + "\n"
     )
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(config), indent=2) + "\n")
-    write_rank_file(out / "tokenizer.model", train_ranks(config["pad_token_id"]))  # specials start after the ranks
+    write_rank_file(out / "tokenizer.model", ranks)
 
     sd = random_state_dict(config, seed, dtype)
     meta = {"format": "pt"}
