@@ -239,7 +239,14 @@ class ChatGLMForConditionalGeneration(PreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, N, N) → (B, (N/28)² + 2, H) in the embedding dtype, on the embedding device."""
-        feats = self.vision(pixel_values.to(self.vision.patch_embedding.proj.weight.device))
+        return self.image_features_to_lm(self.vision(self.pixels_to_vision(pixel_values)))
+
+    def pixels_to_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values.to(self.vision.patch_embedding.proj.weight.device)
+
+    def image_features_to_lm(self, feats: torch.Tensor) -> torch.Tensor:
+        # The vision tower may run in another dtype (or device) than the LM; the reference's fp16/bf16 mix-up
+        # (GLM-4 #267) cannot happen here.
         return feats.to(self.embed_device, self.embed_dtype)
 
     def embed(

@@ -110,14 +110,11 @@ class VisionLayer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """The 63 layers (``transformer.vision.transformer.layers.N``); run by :meth:`EVA2CLIPModel.run_layers`."""
+
     def __init__(self, vc: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList([VisionLayer(vc) for _ in range(vc.num_hidden_layers)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 class GLU(nn.Module):
@@ -160,12 +157,25 @@ class EVA2CLIPModel(nn.Module):
         if size % (2 * self.patch_size) or size < 2 * self.patch_size:
             raise ValueError(f"vision size {size} must be a positive multiple of {2 * self.patch_size}")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    # The forward pass in three stages, so a scheduler can interleave the 63 ViT layers with other work.
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, N, N) → (B, 1 + (N/14)², C): patch embeddings with CLS and position table."""
         if images.shape[-1] != images.shape[-2]:
             raise ValueError(f"images must be square, got {tuple(images.shape[-2:])}")
         self.check_image_size(images.shape[-1])
-        x = self.patch_embedding(images)  # (B, 1 + g², C)
-        x = self.transformer(x)
+        return self.patch_embedding(images)
+
+    def run_layers(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        for layer in self.transformer.layers[start:end]:
+            x = layer(x)
+        return x
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.layers)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + g², C) ViT output → (B, (g/2)² + 2, H): drop CLS, 2×2 conv, GLU, boi/eoi, ÷ scaling_factor."""
         x = x[:, 1:]  # drop CLS → (B, g², C)
         b, s, c = x.shape
         grid = math.isqrt(s)
@@ -174,3 +184,6 @@ class EVA2CLIPModel(nn.Module):
         x = self.linear_proj(x)
         x = torch.cat((self.boi.expand(b, -1, -1), x, self.eoi.expand(b, -1, -1)), dim=1)  # (B, (g/2)² + 2, H)
         return x / self.scaling_factor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.run_layers(self.embed_patches(images)))

@@ -6,8 +6,10 @@ sequence together — decode on one GPU is memory-bound, so a batch of 8 costs l
 sequence that finishes or is cancelled leaves at the next step; its cache row is refilled by moving the last
 running row into it, so running rows stay contiguous and a decode step reads one slice of the cache.
 
-How long a new prompt can stall everyone else's stream: one prefill chunk (``prefill_chunk`` tokens, default 512)
-plus, for an image, one vision-encoder pass. Long prompts are split into chunks with decode steps in between.
+How long a new prompt can stall everyone else's stream: one unit of prefill work between two decode steps — at
+most ``vision_layers_per_step`` ViT layers of its image (default 8 of GLM-4V's 63) plus ``prefill_chunk`` prompt
+entries (default 512). The image is encoded layer group by layer group, the spliced prompt chunk by chunk, with a
+decode step for the running sequences after each unit.
 
 The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
 whoever submitted them — an asyncio consumer (the server) or a plain thread (benchmarks, tests).
@@ -150,6 +152,8 @@ class _Sequence:
     generated: int = 0
     last_token: int = -1
     # prefill state
+    vision_x: torch.Tensor | None = None  # (1, 1 + g², C) ViT hidden state while the image is being encoded
+    vision_layers_done: int = 0
     embeds: torch.Tensor | None = None  # (1, S, H) with the image spliced in
     positions: torch.Tensor | None = None  # (1, S)
     next_position: int = 0
@@ -177,6 +181,7 @@ class Engine:
         max_model_len: int | None = None,
         max_queue: int = 64,
         prefill_chunk: int = 512,
+        vision_layers_per_step: int = 8,
         hooks=None,
     ):
         self.model = model
@@ -185,6 +190,7 @@ class Engine:
         self.max_model_len = max_model_len or model.config.seq_length
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.vision_layers_per_step = vision_layers_per_step
         self.hooks = hooks
         self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
         self.device = model.embed_device
@@ -317,52 +323,75 @@ class Engine:
         seq.handle._emit(Event("error", error=err))
 
     def _prefill_step(self) -> None:
+        """One unit of the current prompt's prefill: a group of ViT layers, or one chunk of the spliced prompt."""
         seq = self._prefilling
         h = seq.handle
         if h.cancelled:
             self._prefilling = None
             h._emit(Event("finish", finish_reason="cancelled"))
             return
-        if seq.embeds is None:
+        if seq.row < 0:
             seq.row = len(self._running)
-        row = seq.row
+            h.timings.started = time.perf_counter()
+            self.cache.reset(seq.row)
         try:
-            if seq.embeds is None:  # first chunk: build the spliced embeddings once (encodes the image)
-                h.timings.started = time.perf_counter()
-                self.cache.reset(row)
-                req = h.request
-                ids = torch.tensor([req.prompt_ids], device=self.device)
-                pos = torch.arange(len(req.prompt_ids), device=self.device)[None]
-                image_embeds = None
-                if req.pixel_values is not None:
-                    self._hook("vision_start")
-                    image_embeds = self.model.encode_images(req.pixel_values[None])
-                    self._hook("vision_end")
-                seq.embeds, seq.positions = self.model.embed(ids, pos, image_embeds=image_embeds)
-                seq.next_position = len(req.prompt_ids)
-            start = seq.done_entries
-            end = min(start + self.prefill_chunk, seq.embeds.shape[1])
-            step = CacheStep.build(self.cache, row, 1, end - start, self.device)
-            logits = self.model.forward_embeds(
-                seq.embeds[:, start:end], seq.positions[:, start:end], step, logits_to_keep=1
-            )
-            step.commit(end - start, [seq.next_position])
-            seq.done_entries = end
+            if seq.embeds is None:
+                if self._encode_image_step(seq):
+                    return  # more ViT layers to go; decode steps for the others run in between
+                self._build_embeds(seq)
+            logits = self._prefill_chunk(seq)
         except Exception as e:
             self._prefilling = None
-            self.cache.reset(row)
+            self.cache.reset(seq.row)
             self._after_error(e)
             self._fail(seq, e)
             return
-        if end < seq.embeds.shape[1]:
-            return  # more chunks; decode steps for the others run in between
+        if logits is None:
+            return  # more chunks to go
         seq.embeds = seq.positions = None
         self._prefilling = None
-        if row != len(self._running):  # rows finished meanwhile: close the gap so running rows stay contiguous
-            self.cache.move_row(row, len(self._running))
-            self.cache.reset(row)
+        if seq.row != len(self._running):  # rows finished meanwhile: close the gap so running rows stay contiguous
+            self.cache.move_row(seq.row, len(self._running))
+            self.cache.reset(seq.row)
         self._running.append(seq)
         self._accept_tokens([seq], sample_batch(logits[:, -1], [seq.sampler]), first=True)
+
+    def _encode_image_step(self, seq: _Sequence) -> bool:
+        """Advance the image through the vision tower by one group of layers; True while layers remain."""
+        px = seq.handle.request.pixel_values
+        if px is None:
+            return False
+        vision = self.model.vision
+        if seq.vision_x is None:
+            self._hook("vision_start")
+            seq.vision_x = vision.embed_patches(self.model.pixels_to_vision(px[None]))
+        end = min(seq.vision_layers_done + self.vision_layers_per_step, vision.num_layers)
+        seq.vision_x = vision.run_layers(seq.vision_x, seq.vision_layers_done, end)
+        seq.vision_layers_done = end
+        return end < vision.num_layers
+
+    def _build_embeds(self, seq: _Sequence) -> None:
+        """Token embeddings with the finished image spliced in, and their compressed positions (spec §4.5)."""
+        req = seq.handle.request
+        image_embeds = None
+        if seq.vision_x is not None:
+            image_embeds = self.model.image_features_to_lm(self.model.vision.project(seq.vision_x))
+            seq.vision_x = None
+            self._hook("vision_end")
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        pos = torch.arange(len(req.prompt_ids), device=self.device)[None]
+        seq.embeds, seq.positions = self.model.embed(ids, pos, image_embeds=image_embeds)
+        seq.next_position = len(req.prompt_ids)
+
+    def _prefill_chunk(self, seq: _Sequence) -> torch.Tensor | None:
+        """Run the next ``prefill_chunk`` entries into the cache; the last chunk returns its logits."""
+        start = seq.done_entries
+        end = min(start + self.prefill_chunk, seq.embeds.shape[1])
+        step = CacheStep.build(self.cache, seq.row, 1, end - start, self.device)
+        logits = self.model.forward_embeds(seq.embeds[:, start:end], seq.positions[:, start:end], step, logits_to_keep=1)
+        step.commit(end - start, [seq.next_position])
+        seq.done_entries = end
+        return logits if end == seq.embeds.shape[1] else None
 
     def _decode_step(self) -> None:
         seqs = self._running

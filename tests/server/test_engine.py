@@ -161,3 +161,33 @@ def test_stop_string_and_eos(tiny_fp32, engine):
     k = free[1].index(eos_tok)
     assert by_id[2] == "stop" and by_id[1] == free[1][:k]  # the stop token itself is not streamed as text
     assert h.completion_tokens == k + 1  # ... but it was generated, and usage counts it
+
+
+def test_image_prefill_is_interleaved_with_running_decode(tiny_fp32):
+    """A new image request is encoded one ViT layer group and one prompt chunk at a time, with decode steps for the
+    running stream in between — the stall a newcomer causes is one unit, not a whole prefill."""
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=4, max_model_len=512, prefill_chunk=8,
+                 vision_layers_per_step=1).start()
+    try:
+        runner = eng.submit(GenerationRequest(_ids(lm, "keep talking"),
+                                              SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True)))
+        it = iter(runner)
+        for _ in range(3):
+            next(it)  # the runner is decoding
+        ids = _ids(lm, "what is in the picture, in detail?", image=True)
+        px = lm.image_processor(Image.new("RGB", (50, 50), "green"))
+        params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+        newcomer = eng.submit(GenerationRequest(ids, params, px))
+        result = _collect(newcomer)
+        runner.cancel()
+        for _ in it:
+            pass
+        # ViT layer groups + prompt chunks; the last layer group and the first chunk share one step.
+        units = lm.model.vision.num_layers + -(-newcomer.prompt_tokens // 8) - 1
+        t0, t1 = newcomer.timings.started, newcomer.timings.first_token
+        between = [t for t in runner.timings.token_times if t0 <= t <= t1]
+        assert len(between) >= units - 1
+        assert result[1] == generate_text(lm.model, lm.tokenizer, ids, px, params)[1]  # staging changes nothing
+    finally:
+        eng.shutdown(timeout=5)
