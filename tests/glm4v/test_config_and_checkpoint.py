@@ -211,3 +211,12 @@ def test_info_command(tiny_dir, capsys):
     assert out["parameters"] == sum(
         torch.Size(s).numel() for s in expected_shapes(ChatGLMConfig.from_pretrained(str(tiny_dir))).values()
     )
+
+
+def test_auto_classes_load_the_native_model_without_remote_code(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert "auto_map" in cfg  # the folder points at remote code, as the official one does
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    assert type(model) is ChatGLMForConditionalGeneration
