@@ -13,7 +13,11 @@ A quantized model is never moved with ``.to()`` (bitsandbytes forbids it; GLM-4 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,32 @@ from .memory import weight_bytes
 from .precision import FLOAT_PRECISIONS, VISION, PrecisionSpec
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _return_freed_host_memory():
+    """While loading, let glibc hand large freed blocks straight back to the OS.
+
+    Quantizing on the CPU allocates and frees one float weight per layer. With glibc's default dynamic mmap
+    threshold those blocks end up in the heap, which fragments and never shrinks: an nf4 load then holds ~3× its
+    quantized size. Serving each block >1 MiB from mmap keeps the peak near the quantized size plus one shard. The
+    threshold is raised back afterwards (to glibc's own ceiling, 32 MiB) so inference allocations stay cheap.
+    """
+    libc = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_mmap_threshold = -3
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+        libc.mallopt(m_mmap_threshold, 32 << 20)
 
 
 def default_device() -> torch.device:
@@ -108,18 +138,20 @@ def load(
     check_vision_size(vision_size, vc.image_size)
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
-    model = ChatGLMForConditionalGeneration.from_pretrained(
-        str(model_dir),
-        dtype=load_dtype,
-        quantization_config=spec.bnb_config(),
-        device_map={"": device},
-    )
-    vision = model.transformer.vision
-    if spec.vision_precision != spec.precision:
-        if spec.vision_quantized:
-            quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
-        elif spec.vision_dtype() != load_dtype:
-            vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
+    quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)
+    with _return_freed_host_memory() if quantizing_on_host else contextlib.nullcontext():
+        model = ChatGLMForConditionalGeneration.from_pretrained(
+            str(model_dir),
+            dtype=load_dtype,
+            quantization_config=spec.bnb_config(),
+            device_map={"": device},
+        )
+        vision = model.transformer.vision
+        if spec.vision_precision != spec.precision:
+            if spec.vision_quantized:
+                quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
+            elif spec.vision_dtype() != load_dtype:
+                vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
     if device.type == "cpu":
         fix_cpu_4bit_layers(model)
     model.eval()
