@@ -1,0 +1,95 @@
+"""Serve GLM-4V-9B over an OpenAI-compatible HTTP API (the built-in tiny random demo model when --model is not given).
+
+    glm4v-edge serve --model /models/glm-4v-9b --precision nf4 --api-key "$KEY"
+
+Every flag also reads an environment variable (``--precision`` ↔ ``GLM4V_PRECISION``); see docs/SERVER.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .settings import ServerSettings
+from .settings import add_arguments as _add_settings_arguments
+
+log = logging.getLogger("glm4v_edge.serve")
+
+NO_KEY_WARNING = (
+    "binding %s without --api-key: anyone who can reach this address can use the model. "
+    "Set GLM4V_API_KEY (or --api-key), or bind 127.0.0.1."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _add_settings_arguments(p)
+
+
+def startup_warnings(settings: ServerSettings) -> list[str]:
+    """Settings that are allowed but risky, said out loud at startup."""
+    warnings = []
+    if not settings.api_key and not settings.is_loopback:
+        warnings.append(NO_KEY_WARNING % settings.host)
+    if settings.allow_private_urls:
+        warnings.append("--allow-private-urls: image URLs may reach private services on this machine and network")
+    if settings.cors_origin_list == ["*"] and not settings.api_key:
+        warnings.append("--cors-origins '*' without --api-key: any web page the user opens can use the model")
+    return warnings
+
+
+def make_server(settings: ServerSettings, app):
+    """A uvicorn server whose shutdown drains the engine *while* uvicorn waits for open connections.
+
+    uvicorn only sends the lifespan shutdown after every connection has closed, so a stream still generating would
+    hold the process for its whole length; here the engine stops taking requests at once, running ones get
+    ``--shutdown-timeout`` seconds to finish, and whatever is left is cut cleanly (final chunk + ``[DONE]``).
+    """
+    import asyncio
+    import signal
+
+    import uvicorn
+
+    runtime = app.state.runtime
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            drain = asyncio.create_task(asyncio.to_thread(runtime.drain, settings.shutdown_timeout))
+            await super().shutdown(sockets)
+            await drain
+
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn records the signal and re-raises it after shutting down, which turns a graceful stop into
+            # exit status 130/143; the graceful shutdown *is* our answer to SIGINT/SIGTERM. A second SIGINT still
+            # forces the exit.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=settings.shutdown_timeout + 5)
+    server = GracefulServer(config)
+    runtime.on_failure = lambda: setattr(server, "should_exit", True)
+    return server
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .app import create_app
+
+    settings = ServerSettings.from_args(args)
+    if settings.allowed_local_media_path and not Path(settings.allowed_local_media_path).is_dir():
+        log.error("--allowed-local-media-path %s is not a folder", settings.allowed_local_media_path)
+        return 2
+    for warning in startup_warnings(settings):
+        log.warning(warning)
+    app = create_app(settings)
+    server = make_server(settings, app)
+    log.info("listening on http://%s:%d/v1 (model %s; /health answers 503 until it is loaded)",
+             settings.host, settings.port, ", ".join(settings.model_names))
+    server.run()
+    runtime = app.state.runtime
+    if runtime.state == "failed":
+        log.error("exiting: %s", runtime.error)
+        return 1
+    return 0

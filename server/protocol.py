@@ -1,0 +1,191 @@
+"""The OpenAI chat-completions wire format as pydantic models: requests in, responses and stream chunks out.
+
+Request models accept unknown fields (``extra="allow"``) and ignore them: clients add fields every month
+(``stream_options``, ``user``, ``store``, ``metadata`` …) and a server that 422s on them breaks the official SDK,
+LangChain and Dify (openai-agents-python#442, langchainjs#6533). Fields we know but cannot honour (``n > 1``,
+``logprobs``, ``tools`` …) are answered with a clear 400 by :func:`unsupported_features`, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BadRequest, validation_message
+
+MAX_STOP_STRINGS = 4  # as the OpenAI API
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Lenient):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ContentPart(_Lenient):
+    """One element of a content array; which fields a part needs depends on ``type`` (checked in conversation)."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageURL | str | None = None  # Ollama's docs show the bare-string form, so clients send it
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None  # absent or empty = the served model
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Raw body → request model; malformed JSON and schema problems become 400s that say what is wrong."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(list(e.errors()))
+        raise BadRequest(message, param=param) from None
+
+
+def unsupported_features(req: ChatCompletionRequest) -> None:
+    """400 for options that would otherwise be silently wrong (GLM-4V-9B has no tool calls; one sample per call)."""
+    if req.n is not None and req.n > 1:
+        raise BadRequest("n > 1 is not supported: send one request per sample", param="n")
+    if req.logprobs or req.top_logprobs:
+        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+    if req.logit_bias:
+        raise BadRequest("logit_bias is not supported by this server", param="logit_bias")
+    if req.tools or req.functions:
+        if req.tool_choice != "none":
+            raise BadRequest("GLM-4V-9B does not support tool calls; remove 'tools' (or set tool_choice 'none')",
+                             param="tools")
+    elif req.tool_choice not in (None, "none", "auto"):
+        raise BadRequest("tool_choice names a tool, but GLM-4V-9B does not support tool calls", param="tool_choice")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
+    if len(req.stop_list) > MAX_STOP_STRINGS:
+        raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+
+
+# ---- responses --------------------------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    def sse(self, include_usage: bool) -> str:
+        """One SSE event. ``usage`` is present (null, or filled on the usage chunk) only when the client asked for
+        ``include_usage``, and deltas carry only the keys they set — exactly what the OpenAI API sends."""
+        d = self.model_dump()
+        for c in d["choices"]:
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+        if not include_usage:
+            del d["usage"]
+        return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

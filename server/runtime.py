@@ -1,0 +1,175 @@
+"""What one app serves: the loaded model, its engine, and the facts /v1/models reports — loaded off the event loop.
+
+The model loads in a background thread at startup, so the port answers at once: ``/health`` says 503 while loading
+(llama.cpp's pattern) and 200 when ready. A load that fails leaves the runtime ``failed`` and calls ``on_failure``
+(the CLI uses it to stop the server with a non-zero exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from glm4v_edge import __version__
+from glm4v_edge.loading import resolve_model_dir
+from quant import LoadedModel
+from quant.loader import check_vision_size
+from server.engine import Engine
+
+from .errors import ServiceUnavailable
+from .images import ImageLoader
+from .metrics import Metrics, vram_snapshot
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], LoadedModel]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def low_detail_size(requested: int, served: int, trained: int) -> int:
+    """``--low-detail-size`` made valid for this checkpoint: a multiple of 28, no larger than the served size."""
+    low_bound = min(224, trained // 2)
+    size = max(low_bound, min(served, requested // 28 * 28))
+    size = -(-size // 28) * 28  # low_bound itself may not be a multiple of 28
+    check_vision_size(size, trained)
+    return size
+
+
+class Runtime:
+    def __init__(self, settings: ServerSettings, metrics: Metrics, loaded: LoadedModel | Loader | None = None,
+                 hooks=None):
+        self.settings = settings
+        self.metrics = metrics
+        self.hooks = hooks
+        self._loader = loaded if callable(loaded) else None
+        self.loaded: LoadedModel | None = loaded if isinstance(loaded, LoadedModel) else None
+        self.engine: Engine | None = None
+        self.demo = False
+        self.state = "loading"  # loading → ready | failed; ready → stopping
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.low_detail_size = 0
+        self.description: dict = {}
+        self.on_failure: Callable[[], None] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glm4v-preprocess")
+        self.images = ImageLoader(settings, self.pool)
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Ready at once around an already loaded model; otherwise load in the background."""
+        if self.loaded is not None:
+            self._load()
+            return
+        self._thread = threading.Thread(target=self._load, name="glm4v-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            if self.loaded is None:
+                self.loaded = self._loader() if self._loader is not None else self._load_from_settings()
+            lm, s = self.loaded, self.settings
+            self.low_detail_size = low_detail_size(s.low_detail_size, lm.vision_size, lm.config.vision.image_size)
+            if self.low_detail_size != s.low_detail_size:
+                log.info("--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size,
+                         self.low_detail_size)
+            self.engine = Engine(lm.model, lm.tokenizer, max_batch_size=s.max_batch_size,
+                                 max_model_len=s.max_model_len, max_queue=s.max_queue,
+                                 prefill_chunk=s.prefill_chunk, vision_layers_per_step=s.vision_layers_per_step,
+                                 hooks=self.hooks).start()
+            self.metrics.set_model(lm.spec.label(), lm.spec.vision_precision, device_name(lm.device),
+                                   lm.vision_size, self.demo, lm.weight_bytes.get("total", 0))
+            self.description = lm.describe()  # walks every module: once, not per /v1/models call
+            self.created = int(time.time())
+            self.state = "ready"
+            log.log(logging.WARNING if self.demo else logging.INFO, "ready: %s at %s on %s, max_model_len %d%s",
+                    ", ".join(s.model_names), lm.spec.label(), device_name(lm.device), self.engine.max_model_len,
+                    " — TINY DEMO CHECKPOINT, ANSWERS ARE RANDOM" if self.demo else "")
+        except Exception as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+            if self.on_failure is not None:
+                self.on_failure()
+
+    def _load_from_settings(self) -> LoadedModel:
+        import quant
+        from glm4v.checkpoint import load_config
+        from quant.auto import choose_precision
+
+        s = self.settings
+        model_dir, self.demo = resolve_model_dir(s.model, log)
+        device = s.device or str(quant.default_device())
+        precision = s.precision
+        if precision == "auto":
+            context = s.max_model_len or load_config(model_dir).seq_length
+            precision, reason = choose_precision(model_dir, device, vision_size=s.vision_size, context=context,
+                                                 batch=s.max_batch_size)
+            log.info("--precision auto → %s (%s)", precision, reason)
+        return quant.load(model_dir, precision=precision, vision_precision=s.vision_precision, device=device,
+                          vision_size=s.vision_size, compute_dtype=s.compute_dtype, double_quant=s.double_quant)
+
+    def drain(self, timeout: float) -> None:
+        """Stop taking requests and let running ones finish for up to ``timeout`` s (then they are cut)."""
+        if self.engine is not None:
+            if self.state == "ready":
+                self.state = "stopping"
+            self.engine.shutdown(timeout)
+
+    def close(self) -> None:
+        self.drain(self.settings.shutdown_timeout)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- queries --------------------------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.state == "ready":
+            return
+        if self.state == "loading":
+            raise ServiceUnavailable("the model is still loading; retry shortly", code="model_loading",
+                                     headers={"Retry-After": "5"})
+        if self.state == "stopping":
+            raise ServiceUnavailable("the server is shutting down", code="shutting_down")
+        raise ServiceUnavailable("the model failed to load; see the server log", code="model_load_failed")
+
+    @property
+    def system_fingerprint(self) -> str:
+        label = self.loaded.spec.label() if self.loaded else self.settings.precision
+        return f"glm4v-edge-{__version__}-{label}"
+
+    def model_cards(self) -> list[dict]:
+        """/v1/models entries: the OpenAI fields plus what an operator needs to trust the setup."""
+        lm, eng, s, d = self.loaded, self.engine, self.settings, self.description
+        facts = {
+            "owned_by": "glm4v-edge",
+            "root": Path(lm.model_dir).name,
+            "parent": None,
+            "max_model_len": eng.max_model_len,
+            "precision": d["precision"],
+            "vision_precision": d["vision_precision"],
+            "dtype": d["dtype"],
+            "quantization": d["quantization"],
+            "layers": d["layers"],
+            "vision_size": d["vision_size"],
+            "image_tokens": d["image_tokens"],
+            "low_detail_vision_size": self.low_detail_size,
+            "low_detail_image_tokens": lm.image_tokens(self.low_detail_size),
+            "device": device_name(lm.device),
+            "weight_bytes": d["weight_bytes"],
+            "num_parameters": d["num_parameters"],
+            "kv_cache_bytes": eng.stats().kv_cache_bytes,
+            "vram": vram_snapshot(lm.device),
+            "max_batch_size": eng.max_batch_size,
+            "max_queue": eng.max_queue,
+            "notes": d["notes"],
+            "demo": self.demo,
+        }
+        return [{"id": name, "object": "model", "created": self.created, **facts} for name in s.model_names]

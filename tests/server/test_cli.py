@@ -1,0 +1,146 @@
+"""`glm4v-edge serve`: flags and environment variables, startup warnings, and the real command end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import httpx
+import openai
+
+from server.cli import startup_warnings
+from server.settings import ServerSettings, add_arguments
+
+from .conftest import data_url, png_bytes, user_with_image
+
+REPO = Path(__file__).resolve().parents[2]
+GLM4V_EDGE = Path(sys.executable).with_name("glm4v-edge")
+
+
+def parse(argv: list[str]) -> ServerSettings:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return ServerSettings.from_args(p.parse_args(argv))
+
+
+def test_flags_env_and_defaults(monkeypatch):
+    assert parse([]) == ServerSettings()
+    monkeypatch.setenv("GLM4V_MAX_QUEUE", "7")
+    monkeypatch.setenv("GLM4V_API_KEY", "from-env")
+    monkeypatch.setenv("GLM4V_ALLOW_PRIVATE_URLS", "true")
+    monkeypatch.setenv("GLM4V_NO_DOUBLE_QUANT", "1")
+    s = parse(["--port", "9001", "--precision", "nf4", "--low-detail-size", "224"])
+    assert (s.max_queue, s.api_key, s.allow_private_urls, s.double_quant) == (7, "from-env", True, False)
+    assert (s.port, s.precision, s.low_detail_size) == (9001, "nf4", 224)
+    assert parse(["--max-queue", "3"]).max_queue == 3  # the flag beats the variable
+
+
+def test_every_setting_has_a_flag_with_an_env_variable():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions}
+    for f in fields(ServerSettings):
+        dest = "no_double_quant" if f.name == "double_quant" else f.name
+        assert dest in helps, f.name
+        assert f"[env: GLM4V_{dest.upper()}]" in helps[dest], f.name
+
+
+def test_startup_warnings():
+    assert startup_warnings(ServerSettings()) == []
+    assert any("0.0.0.0" in w for w in startup_warnings(ServerSettings(host="0.0.0.0")))
+    assert startup_warnings(ServerSettings(host="0.0.0.0", api_key="k")) == []
+    assert any("private" in w for w in startup_warnings(ServerSettings(allow_private_urls=True)))
+    assert any("'*'" in w for w in startup_warnings(ServerSettings(cors_origins="*")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(args: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([str(GLM4V_EDGE), "serve", "--port", str(port), *args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(png_bytes())
+    proc, url = start_serve(["--model", str(tiny_dir), "--precision", "fp32", "--max-model-len", "1024",
+                             "--shutdown-timeout", "20"], {"GLM4V_API_KEY": "k3y"}, tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
+        assert client.models.retrieve("glm-4v-9b").model_dump()["precision"] == "fp32"
+        r = client.chat.completions.create(model="glm-4v-9b", messages=[user_with_image(data_url(png_bytes()))],
+                                           max_tokens=5)
+        assert r.usage.prompt_tokens > 18 and r.choices[0].finish_reason in ("stop", "length")
+        example = subprocess.run(
+            [sys.executable, "examples/chat_client.py", "--base-url", f"{url}/v1", "--image", str(image), "--stream",
+             "--max-tokens", "8", "--follow-up", "Is it spring or winter?", "What is in this image?"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "GLM4V_API_KEY": "k3y"})
+        assert example.returncode == 0, example.stderr
+        assert example.stderr.count("[finish_reason=") == 2 and '"prompt_tokens"' in example.stderr
+
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k3y"},
+                          timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)  # the running stream gets to finish (--shutdown-timeout 20)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 900
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log
+
+
+def test_serve_without_model_runs_the_demo_loudly_and_stops_on_sigint(tmp_path):
+    proc, url = start_serve(["--precision", "fp32"], {"GLM4V_EDGE_CACHE": str(tmp_path / "cache")},
+                            tmp_path / "demo.log")
+    try:
+        card = httpx.get(f"{url}/v1/models").json()["data"][0]
+        assert card["demo"] is True and card["root"] == "demo-tiny"
+        assert (tmp_path / "cache" / "demo-tiny" / "config.json").is_file()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "demo.log").read_text()
+    assert "RANDOM" in log and "Traceback" not in log
+
+
+def test_serve_refuses_a_missing_media_folder(tmp_path, caplog):
+    from server.cli import run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--allowed-local-media-path", str(tmp_path / "nope")])) == 2
+    assert "not a folder" in caplog.text

@@ -1,0 +1,146 @@
+"""Every bad input answers its status in the OpenAI error envelope, and the server still serves the next request."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import openai
+import pytest
+
+from .conftest import data_url, png_bytes, user_with_image
+
+GOOD = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def msg(content) -> dict:
+    return {"model": "glm-4v-9b", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+
+
+def image_msg(url: str, **extra) -> dict:
+    return {"model": "glm-4v-9b", "messages": [user_with_image(url)], "max_tokens": 2, **extra}
+
+
+def assert_envelope(r, status: int, code=None, param=None, says: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    assert says.lower() in err["message"].lower()
+    return err
+
+
+# (id, payload or raw bytes, status, code, param, a phrase the message must contain)
+CASES = [
+    ("broken-json", b'{"messages": [', 400, None, None, "not valid JSON"),
+    ("not-an-object", b"[1, 2]", 400, None, None, "JSON object"),
+    ("nested-bomb", b'{"messages": ' + b"[" * 100_000, 400, None, None, "nested"),
+    ("not-utf8", b'{"messages": "\xff\xfe"}', 400, None, None, "not valid JSON"),
+    ("no-messages", {"model": "glm-4v-9b"}, 400, None, "messages", ""),
+    ("empty-messages", {"messages": []}, 400, None, "messages", ""),
+    ("all-empty", msg(""), 400, None, "messages", "empty"),
+    ("unknown-role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages.0.role", "wizard"),
+    ("tool-role", {"messages": [{"role": "tool", "content": "42"}]}, 400, None, "messages.0.role", "tool"),
+    ("audio-part", msg([{"type": "input_audio", "input_audio": {"data": "x"}}]), 400, None, "messages.0.content.0",
+     "input_audio"),
+    ("bad-base64", image_msg("data:image/png;base64,@@@not*base64@@@"), 400, None, "messages.0.content.1", "base64"),
+    ("not-an-image", image_msg(data_url(b"hello, these bytes are not an image")), 400, None, None, "image"),
+    ("one-pixel", image_msg(data_url(png_bytes((1, 1)))), 400, None, None, "at least"),
+    ("too-many-pixels", image_msg(data_url(png_bytes((1200, 1000)))), 413, "payload_too_large", None, "pixels"),
+    ("too-many-bytes", image_msg(data_url(os.urandom(210_000))), 413, "payload_too_large", None, "limit"),
+    ("two-images", {"messages": [user_with_image(data_url(png_bytes())), user_with_image(data_url(png_bytes()))]},
+     400, "too_many_images", "messages.1.content.1", "one image"),
+    ("metadata-ip", image_msg("http://169.254.169.254/latest/meta-data/"), 400, "image_url_forbidden", None,
+     "non-public"),
+    ("localhost", image_msg("http://localhost:9/x.png"), 400, "image_url_forbidden", None, "non-public"),
+    ("mapped-loopback", image_msg("http://[::ffff:127.0.0.1]:9/x.png"), 400, "image_url_forbidden", None, ""),
+    ("ftp", image_msg("ftp://example.com/x.png"), 400, None, None, "scheme"),
+    ("etc-passwd", image_msg("file:///etc/passwd"), 400, None, None, "outside"),
+    ("unknown-model", {**GOOD, "model": "gpt-4o"}, 404, "model_not_found", "model", "gpt-4o"),
+    ("overflow", {**GOOD, "max_tokens": 250}, 400, "context_length_exceeded", "messages", "256 tokens"),
+    ("prompt-too-long", {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded", "messages", "no room"),
+    ("n2", {**GOOD, "n": 2}, 400, None, "n", "n > 1"),
+    ("logprobs", {**GOOD, "logprobs": True}, 400, None, "logprobs", ""),
+    ("tools", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools", "tool"),
+    ("json-mode", {**GOOD, "response_format": {"type": "json_object"}}, 400, None, "response_format", ""),
+    ("five-stops", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop", "at most 4"),
+    ("hot", {**GOOD, "temperature": 5}, 400, None, "temperature", ""),
+    ("zero-tokens", {**GOOD, "max_tokens": 0}, 400, None, "max_tokens", ""),
+    ("huge-seed", {**GOOD, "seed": 2**70}, 400, None, "seed", ""),
+    ("detail-ultra", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes()), "detail": "ultra"}}]}]}, 400, None, None, ""),
+    ("body-too-large", {"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, "payload_too_large", None,
+     "max-request-bytes"),
+]
+
+
+@pytest.mark.parametrize("payload,status,code,param,says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_answers_envelope_then_server_still_serves(api, payload, status, code, param, says):
+    if isinstance(payload, bytes):
+        r = api.post(content=payload, headers={"Content-Type": "application/json"})
+    else:
+        r = api.post(payload)
+    assert_envelope(r, status, code, param, says)
+    assert api.post(GOOD).status_code == 200
+
+
+def test_private_http_url_refused_without_the_flag(api, image_site):
+    """The same local URL the permissive server fetches (test_chat_api) is refused here, before any connection."""
+    err = assert_envelope(api.post(image_msg(f"{image_site}/red.png")), 400, "image_url_forbidden")
+    assert "127.0.0.1" in err["message"] and "--allow-private-urls" in err["message"]
+
+
+@pytest.mark.parametrize("name", ["escape.png", "../outside/secret.png", "missing.png", ""])
+def test_file_urls_cannot_leave_the_allowed_folder(api, media_dir, name):
+    r = api.post(image_msg(f"file://{media_dir}/{name}"))
+    assert_envelope(r, 400)
+    assert "secret" not in r.text  # the refusal says nothing about what lies outside
+    assert api.post(GOOD).status_code == 200
+
+
+def test_file_urls_refused_when_no_folder_is_allowed(base_settings, tiny_fp32, media_dir):
+    from dataclasses import replace
+
+    from .conftest import serve
+
+    with serve(replace(base_settings, allowed_local_media_path=None), tiny_fp32) as s:
+        assert_envelope(s.post(image_msg(f"file://{media_dir}/red.png")), 400, says="disabled")
+
+
+def test_multi_image_policy_first_keeps_the_first_image(base_settings, tiny_fp32):
+    from dataclasses import replace
+
+    from .conftest import serve
+
+    red, blue = data_url(png_bytes()), data_url(png_bytes(color=(0, 0, 255)))
+    two = {"messages": [user_with_image(red), user_with_image(blue)], "max_tokens": 4, "temperature": 0}
+    with serve(replace(base_settings, multi_image="first"), tiny_fp32) as s:
+        both = s.post(two).json()
+        first = s.post({**two, "messages": [user_with_image(red), {"role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"}]}]}).json()
+        assert both["choices"][0]["message"] == first["choices"][0]["message"]
+        assert both["usage"] == first["usage"]
+
+
+def test_openai_client_sees_typed_errors(api):
+    client = api.client()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="glm-4v-9b", messages=[{"role": "user", "content": "hi"}], n=3)
+    assert e.value.param == "n"
+    bad_b64 = "data:image/jpeg;base64," + base64.b64encode(b"GIF89a-but-not-really").decode()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="glm-4v-9b", messages=[user_with_image(bad_b64)], stream=True)
+
+
+def test_unknown_route_and_method_use_the_envelope(api):
+    import httpx
+
+    assert_envelope(httpx.get(f"{api.url}/v1/completions_typo"), 404, "not_found")
+    assert_envelope(httpx.get(f"{api.url}/v1/chat/completions"), 405, "method_not_allowed")
+    assert_envelope(httpx.get(f"{api.url}/v1/models/gpt-4o"), 404, "model_not_found")
