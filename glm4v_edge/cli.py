@@ -27,21 +27,6 @@ COMMANDS = {
 }
 
 
-def _available_commands() -> dict:
-    out = {}
-    for name, (module, help_) in COMMANDS.items():
-        spec = importlib.util.find_spec(module.rsplit(".", 1)[0])
-        if spec is None:
-            continue
-        try:
-            if importlib.util.find_spec(module) is None:
-                continue
-        except ModuleNotFoundError:
-            continue
-        out[name] = (module, help_)
-    return out
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(
         prog="glm4v-edge",
@@ -51,7 +36,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
-    for name, (module, help_) in _available_commands().items():
+    for name, (module, help_) in COMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().split("\n\n")[0])
         mod.add_arguments(p)

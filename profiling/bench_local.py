@@ -131,6 +131,7 @@ def benchmark_local(args, meta: dict) -> dict:
     finally:
         engine.shutdown(timeout=5)
 
+    logging.getLogger("server").setLevel(logging.WARNING)  # per-request log lines
     server, thread, url = _serve_in_thread(lm, {"max_batch_size": max(args.max_batch_size, max(args.concurrency))})
     try:
         http_levels = benchmark_http(args, url)

@@ -243,8 +243,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import logging
     import platform
     import sys
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would swamp the report
 
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     if not args.concurrency or min(args.concurrency) < 1:
