@@ -1,0 +1,75 @@
+"""bench-serve: the HTTP load generator against a real server, and the in-process side-by-side run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from glm4v_edge.cli import main
+from profiling.bench_serve import benchmark_http, summarize
+
+from .conftest import serve
+
+
+def _args(**kw):
+    base = dict(model_name=None, api_key=None, concurrency=[1, 3], requests=3, image=None, synthetic_images=True,
+                image_side=48, prompt_tokens=8, max_tokens=6, timeout=60)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_summarize_percentiles():
+    s = summarize([float(i) for i in range(1, 101)])
+    assert s["p50"] == 50.5 and s["p99"] == 99.0 and s["mean"] == 50.5
+    assert summarize([]) == {"mean": None, "p50": None, "p99": None}
+
+
+def test_http_benchmark_against_a_real_server(base_settings, tiny_fp32):
+    with serve(base_settings, tiny_fp32) as srv:
+        levels = benchmark_http(_args(), srv.url)
+    assert [lv["concurrency"] for lv in levels] == [1, 3]
+    for lv in levels:
+        assert lv["requests"] == lv["completed"] == 3 and lv["failed"] == 0
+        assert lv["output_tokens"] == 3 * 6  # ignore_eos: every request runs to max_tokens, counted from usage
+        assert lv["prompt_tokens_mean"] > tiny_fp32.image_tokens()  # a synthetic image went with every request
+        for key in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            stats = lv[key]
+            assert set(stats) == {"mean", "p50", "p99"} and 0 < stats["p50"] <= stats["p99"]
+        assert lv["e2e_s"]["p50"] >= lv["ttft_s"]["p50"]
+        assert lv["output_tokens_per_s"] > 0 and lv["request_throughput"] > 0
+
+
+def test_http_benchmark_counts_failures_instead_of_crashing(base_settings, tiny_fp32):
+    with serve(base_settings, tiny_fp32) as srv:
+        levels = benchmark_http(_args(model_name="no-such-model", concurrency=[2]), srv.url)
+    assert levels[0]["failed"] == 3 and levels[0]["completed"] == 0
+    assert "HTTP 404" in levels[0]["errors"][0]
+
+
+def test_bench_serve_command_in_process_side_by_side(tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    rc = main(["bench-serve", "--model", str(tiny_dir), "--precision", "fp32", "--concurrency", "1,2",
+               "--requests", "2", "--max-tokens", "4", "--prompt-tokens", "6", "--synthetic-images",
+               "--image-side", "40", "--out", str(out)])
+    assert rc == 0
+    levels = json.loads((out / "results.json").read_text())
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert {"concurrency", "requests", "output_tokens_per_s", "request_throughput", "ttft_s", "tpot_s", "itl_s",
+                "e2e_s"} <= set(lv)
+    local = json.loads((out / "local.json").read_text())
+    assert local["plain"]["output_tokens"] == 2 * 4 and [e["concurrency"] for e in local["engine"]] == [1, 2]
+    md = (out / "results.md").read_text()
+    assert "plain decode loop" in md and "engine in-process" in md and "engine over HTTP" in md
+
+
+def test_bad_concurrency_is_refused(tmp_path, capsys):
+    assert main(["bench-serve", "--base-url", "http://127.0.0.1:9", "--concurrency", "0", "--out", str(tmp_path)]) == 2
+    assert "positive integers" in capsys.readouterr().err
+
+
+def test_image_flags_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench-serve", "--base-url", "http://x", "--image", "a.png", "--synthetic-images", "--out", str(tmp_path)])
