@@ -34,7 +34,8 @@ def quantized_linear(linear: nn.Linear, precision: str, spec: PrecisionSpec, dev
             linear.in_features, linear.out_features, bias is not None,
             has_fp16_weights=False, threshold=spec.int8_threshold, device="meta",
         )
-        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        # bitsandbytes quantizes Int8Params only on a move *from* the CPU (transformers' loader does the same).
+        new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     elif precision in ("nf4", "fp4"):
         new = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias is not None,
@@ -55,13 +56,13 @@ def quantize_linears(
 ) -> int:
     """Replace every plain ``nn.Linear`` under ``root`` in place; returns how many were converted."""
     device = torch.device(device)
-    count = 0
-    for name, module in list(root.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, child_name, quantized_linear(child, precision, spec, device))
-                del child
-                count += 1
+    # Names only: holding the modules in a list would keep every replaced float layer alive until the end.
+    names = [n for n, m in root.named_modules() if type(m) is nn.Linear]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        setattr(parent, child_name, quantized_linear(getattr(parent, child_name), precision, spec, device))
+    count = len(names)
     log.debug("quantized %d Linear layers under %s to %s", count, prefix or type(root).__name__, precision)
     return count
 

@@ -263,7 +263,7 @@ def estimate(
         kv_cache_bytes=kv_per_token * context * batch,
         activation=activation,
         cuda_context_bytes=CUDA_CONTEXT_BYTES if device.startswith("cuda") else 0,
-        gpu_bytes=int(gpu_gb * 1e9) if gpu_gb is not None else None,
+        gpu_bytes=int(gpu_gb * 2**30) if gpu_gb is not None else None,  # a "12 GB" card has 12 GiB
     )
     return est
 
