@@ -21,6 +21,25 @@ from .bench_serve import benchmark_http, build_bodies, fmt_ms, level_summary, ma
 log = logging.getLogger(__name__)
 
 
+def _in_fresh_thread(fn, *args):
+    """Run ``fn`` on a thread that ends with it. The main thread stays free of torch's OpenMP team, so each
+    measured path runs like the server's engine thread does: the only busy team in the process."""
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # re-raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _prompt_inputs(lm, body: dict):
     """An OpenAI request body built by bench_serve → (prompt ids, pixels) exactly as the server would see them."""
     from glm4v import Message, build_prompt
@@ -110,14 +129,14 @@ def benchmark_local(args, meta: dict) -> dict:
     from server.engine import Engine
 
     model_dir, demo = resolve_model_dir(args.model, log)
-    lm = quant.load(model_dir, precision=args.precision, device=args.device)
+    lm = _in_fresh_thread(lambda: quant.load(model_dir, precision=args.precision, device=args.device))
     meta.update({"model": model_dir + (" (demo)" if demo else ""), "precision": lm.spec.label(),
                  "device": str(lm.device)})
     bodies = build_bodies(args, args.requests, offset=0)
     inputs = [_prompt_inputs(lm, b) for b in bodies]
 
-    bench_plain(lm, inputs[:1], args)  # warm-up
-    plain = bench_plain(lm, inputs, args)
+    _in_fresh_thread(bench_plain, lm, inputs[:1], args)  # warm-up
+    plain = _in_fresh_thread(bench_plain, lm, inputs, args)
     print(f"plain decode loop: {plain['output_tokens_per_s']:.1f} out tok/s", flush=True)
 
     engine_levels = []

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from glm4v.generate import stop_token_ids
-from glm4v.kv_cache import CacheStep
+from glm4v.kv_cache import CacheStep, KVCache
 from glm4v.sampling import Sampler, SamplingParams, sample_batch
 from glm4v.text_stream import TextStream
 
@@ -194,8 +194,11 @@ class Engine:
         self.hooks = hooks
         self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
         self.device = model.embed_device
-        # One extra row is never needed: a prefill always writes into the first free row.
-        self.cache = model.new_cache(max_len=self.max_model_len, max_batch=max_batch_size)
+        # Allocated by the engine thread when it starts (see _loop); a prefill always writes the first free row.
+        self.cache = None
+        c = model.config
+        self.kv_cache_bytes = max_batch_size * self.max_model_len * KVCache.bytes_per_token(
+            c.num_layers, c.num_kv_heads, c.head_dim, model.embed_dtype)
         self._waiting: deque[RequestHandle] = deque()
         self._running: list[_Sequence] = []  # row i of the cache holds _running[i]
         self._prefilling: _Sequence | None = None
@@ -247,7 +250,7 @@ class Engine:
                 max_batch_size=self.max_batch_size,
                 max_model_len=self.max_model_len,
                 requests_total=self.requests_total,
-                kv_cache_bytes=self.cache.nbytes,
+                kv_cache_bytes=self.kv_cache_bytes,
             )
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -273,7 +276,11 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # All of the engine's torch work — the cache allocation included — happens on this one thread. On a CPU,
+        # every other thread that ran a parallel torch op keeps an idle OpenMP team, and libgomp then throttles the
+        # spin-waiting of ours: small ops get ~5× slower. Request threads therefore do no torch math.
         torch.set_grad_enabled(False)
+        self.cache = self.model.new_cache(max_len=self.max_model_len, max_batch=self.max_batch_size)
         with torch.inference_mode():
             while True:
                 with self._cv:
