@@ -2,10 +2,12 @@
 
 1. the plain decode loop (``glm4v.generate``), one request after another — the single-stream baseline;
 2. the batching engine in-process (``server.engine``), at each concurrency level;
-3. the same engine behind the HTTP server, measured by the HTTP client of ``bench_serve``.
+3. the same engine behind the HTTP server — ``glm4v-edge serve`` in its own process, as users run it — measured by
+   the HTTP client of ``bench_serve``.
 
-The same model object, prompts, images and sampling parameters serve all three, so the ratios isolate the engine
-(2 vs 1), batching (2 at c vs 2 at 1) and the HTTP/SSE overhead (3 vs 2).
+The same checkpoint, prompts, images (decoded and preprocessed inside every measured path) and sampling parameters
+serve all three, so the ratios isolate the engine (2 vs 1), batching (2 at c vs 2 at 1) and the HTTP/SSE overhead
+(3 vs 2).
 """
 
 from __future__ import annotations
@@ -41,17 +43,23 @@ def _in_fresh_thread(fn, *args):
 
 
 def _prompt_inputs(lm, body: dict):
-    """An OpenAI request body built by bench_serve → (prompt ids, pixels) exactly as the server would see them."""
+    """An OpenAI request body built by bench_serve → (prompt ids, image bytes or None), as the server receives them.
+
+    The image is decoded and preprocessed inside each measured path (as the server does per request), so the
+    in-process numbers include the same work as the HTTP ones.
+    """
     from glm4v import Message, build_prompt
 
     parts = body["messages"][0]["content"]
     text = "".join(p["text"] for p in parts if p["type"] == "text")
     image = next((p["image_url"]["url"] for p in parts if p["type"] == "image_url"), None)
-    pixels = None
-    if image is not None:
-        pixels = lm.image_processor(base64.b64decode(image.split(",", 1)[1]))
-    ids = build_prompt(lm.tokenizer, [Message("user", text, has_image=pixels is not None)]).ids
-    return ids, pixels
+    data = base64.b64decode(image.split(",", 1)[1]) if image is not None else None
+    ids = build_prompt(lm.tokenizer, [Message("user", text, has_image=data is not None)]).ids
+    return ids, data
+
+
+def _pixels(lm, data):
+    return None if data is None else lm.image_processor(data)
 
 
 def _params(args):
@@ -65,10 +73,10 @@ def bench_plain(lm, inputs, args) -> dict:
 
     results = []
     t0 = time.perf_counter()
-    for ids, px in inputs:
+    for ids, data in inputs:
         start = time.perf_counter()
         first, times = None, []
-        for step in generate(lm.model, lm.tokenizer, ids, px, _params(args)):
+        for step in generate(lm.model, lm.tokenizer, ids, _pixels(lm, data), _params(args)):
             now = time.perf_counter()
             first = first or now
             times.append(now)
@@ -77,13 +85,13 @@ def bench_plain(lm, inputs, args) -> dict:
     return level_summary(1, results, time.perf_counter() - t0)
 
 
-def bench_engine(engine, inputs, args, concurrency: int) -> dict:
+def bench_engine(lm, engine, inputs, args, concurrency: int) -> dict:
     from server.engine import GenerationRequest
 
     def one(item):
-        ids, px = item
+        ids, data = item
         start = time.perf_counter()
-        h = engine.submit(GenerationRequest(ids, _params(args), px))
+        h = engine.submit(GenerationRequest(ids, _params(args), _pixels(lm, data)))
         times = []
         for ev in h:
             if ev.kind == "delta":
@@ -100,27 +108,37 @@ def bench_engine(engine, inputs, args, concurrency: int) -> dict:
     return level_summary(concurrency, results, time.perf_counter() - t0)
 
 
-def _serve_in_thread(lm, engine_kwargs):
-    """Start this project's server on a free loopback port around an already loaded model."""
+def _serve_subprocess(model_dir: str, args, max_batch_size: int):
+    """``glm4v-edge serve`` as its own process on a free loopback port, as users run it (no shared GIL)."""
     import socket
+    import subprocess
+    import sys
 
-    import uvicorn
-
-    from server.app import create_app
-    from server.settings import ServerSettings
+    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServerSettings(host="127.0.0.1", port=port, **engine_kwargs)
-    app = create_app(settings, loaded=lm)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    source = ["--synthetic", args.synthetic] if args.synthetic else ["--model", model_dir]
+    cmd = [sys.executable, "-m", "glm4v_edge", "--log-level", "WARNING", "serve", *source,
+           "--precision", args.precision, "--port", str(port), "--max-batch-size", str(max_batch_size),
+           "--prefill-chunk", str(args.prefill_chunk), "--vision-layers-per-step", str(args.vision_layers_per_step)]
+    if args.device:
+        cmd += ["--device", args.device]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not become ready in 300 s")
 
 
 def benchmark_local(args, meta: dict) -> dict:
@@ -128,10 +146,17 @@ def benchmark_local(args, meta: dict) -> dict:
     from glm4v_edge.loading import resolve_model_dir
     from server.engine import Engine
 
-    model_dir, demo = resolve_model_dir(args.model, log)
-    lm = _in_fresh_thread(lambda: quant.load(model_dir, precision=args.precision, device=args.device))
-    meta.update({"model": model_dir + (" (demo)" if demo else ""), "precision": lm.spec.label(),
-                 "device": str(lm.device)})
+    if args.synthetic:
+        from quant.synthetic import build
+
+        model_dir, demo = None, True
+        lm = _in_fresh_thread(lambda: build(args.synthetic, precision=args.precision, device=args.device))
+        label = f"synthetic {args.synthetic} (random weights)"
+    else:
+        model_dir, demo = resolve_model_dir(args.model, log)
+        lm = _in_fresh_thread(lambda: quant.load(model_dir, precision=args.precision, device=args.device))
+        label = model_dir + (" (demo)" if demo else "")
+    meta.update({"model": label, "precision": lm.spec.label(), "device": str(lm.device)})
     bodies = build_bodies(args, args.requests, offset=0)
     inputs = [_prompt_inputs(lm, b) for b in bodies]
 
@@ -140,23 +165,24 @@ def benchmark_local(args, meta: dict) -> dict:
     print(f"plain decode loop: {plain['output_tokens_per_s']:.1f} out tok/s", flush=True)
 
     engine_levels = []
-    engine = Engine(lm.model, lm.tokenizer, max_batch_size=max(args.max_batch_size, max(args.concurrency)))
+    engine = Engine(lm.model, lm.tokenizer, max_batch_size=max(args.max_batch_size, max(args.concurrency)),
+                    prefill_chunk=args.prefill_chunk, vision_layers_per_step=args.vision_layers_per_step)
     engine.start()
     try:
-        bench_engine(engine, inputs[:1], args, 1)  # warm-up
+        bench_engine(lm, engine, inputs[:1], args, 1)  # warm-up
         for c in args.concurrency:
-            engine_levels.append(bench_engine(engine, inputs, args, c))
+            engine_levels.append(bench_engine(lm, engine, inputs, args, c))
             print(f"engine c={c}: {engine_levels[-1]['output_tokens_per_s']:.1f} out tok/s", flush=True)
     finally:
         engine.shutdown(timeout=5)
 
-    logging.getLogger("server").setLevel(logging.WARNING)  # per-request log lines
-    server, thread, url = _serve_in_thread(lm, {"max_batch_size": max(args.max_batch_size, max(args.concurrency))})
+    del engine, lm  # free the in-process model before the server process loads its own
+    proc, url = _serve_subprocess(model_dir, args, max(args.max_batch_size, max(args.concurrency)))
     try:
         http_levels = benchmark_http(args, url)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=60)
 
     rows = ["| path | concurrency | out tok/s | TTFT p50 | TPOT p50 | ratio |", "|---|---|---|---|---|---|"]
     rows.append(f"| plain decode loop | 1 | {plain['output_tokens_per_s']:.1f} | {fmt_ms(plain['ttft_s']['p50'])} | "

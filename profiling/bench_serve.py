@@ -237,9 +237,15 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="(without --base-url) checkpoint folder; default the tiny demo checkpoint")
+    p.add_argument("--synthetic", help="(without --base-url) random weights of this architecture instead of a "
+                                       "checkpoint: full (the real 13.9B, on a GPU), mid, tiny or a config.json")
     p.add_argument("--precision", default="bf16", help="(without --base-url) precision to load (default bf16)")
     p.add_argument("--device", help="(without --base-url) cpu or cuda")
     p.add_argument("--max-batch-size", type=int, default=8, help="(without --base-url) engine batch size")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="(without --base-url) prompt entries prefilled per engine step (default 512)")
+    p.add_argument("--vision-layers-per-step", type=int, default=8,
+                   help="(without --base-url) ViT layers run per engine step (default 8)")
 
 
 def run(args) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from glm4v.checkpoint import load_config
+from glm4v.config import ChatGLMConfig
 
 from .estimate import best_fitting
 from .precision import device_supports_bf16
@@ -26,17 +27,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def choose_precision(
-    model_dir: str | Path, device: str | torch.device, vision_size: int | None = None, context: int = 2048,
-    batch: int = 1,
+    model: str | Path | ChatGLMConfig, device: str | torch.device, vision_size: int | None = None,
+    context: int = 2048, batch: int = 1,
 ) -> tuple[str, str]:
-    """(precision, human-readable reason)."""
+    """(precision, human-readable reason) for a checkpoint folder or a config."""
     device = torch.device(device)
     if device.type != "cuda":
         if cpu_has_native_bf16():
             return "bf16", "CPU with native bf16 (AVX512-BF16/AMX)"
         return "fp32", "CPU without native bf16"
     free, total = torch.cuda.mem_get_info(device)
-    config = load_config(model_dir)
+    config = model if isinstance(model, ChatGLMConfig) else load_config(model)
     first = "bf16" if device_supports_bf16(device) else "fp16"
     pick = best_fitting(
         [(first, None), ("int8", None), ("nf4", None)],

@@ -107,16 +107,26 @@ class Runtime:
         from quant.auto import choose_precision
 
         s = self.settings
-        model_dir, self.demo = resolve_model_dir(s.model, log)
         device = s.device or str(quant.default_device())
+        if s.synthetic:
+            from quant.synthetic import build, synthetic_config
+
+            config = synthetic_config(s.synthetic)
+            self.demo = True
+            log.warning("--synthetic %s: RANDOM weights (real memory and speed, meaningless answers)", s.synthetic)
+        else:
+            model_dir, self.demo = resolve_model_dir(s.model, log)
+            config = load_config(model_dir)
         precision = s.precision
         if precision == "auto":
-            context = s.max_model_len or load_config(model_dir).seq_length
-            precision, reason = choose_precision(model_dir, device, vision_size=s.vision_size, context=context,
-                                                 batch=s.max_batch_size)
+            precision, reason = choose_precision(config, device, vision_size=s.vision_size,
+                                                 context=s.max_model_len or config.seq_length, batch=s.max_batch_size)
             log.info("--precision auto → %s (%s)", precision, reason)
-        return quant.load(model_dir, precision=precision, vision_precision=s.vision_precision, device=device,
-                          vision_size=s.vision_size, compute_dtype=s.compute_dtype, double_quant=s.double_quant)
+        kw = dict(precision=precision, vision_precision=s.vision_precision, device=device, vision_size=s.vision_size,
+                  compute_dtype=s.compute_dtype, double_quant=s.double_quant)
+        if s.synthetic:
+            return build(config, **kw)
+        return quant.load(model_dir, **kw)
 
     def drain(self, timeout: float) -> None:
         """Stop taking requests and let running ones finish for up to ``timeout`` s (then they are cut)."""

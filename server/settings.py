@@ -21,6 +21,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class ServerSettings:
     # --- the model (shared with `chat`: --model --precision --vision-precision ... --device) ---
     model: str | None = None  # None = the built-in tiny demo checkpoint (random answers)
+    synthetic: str | None = None  # "full" | "mid" | "tiny" | config.json: random weights built on the device
     precision: str = "auto"
     vision_precision: str | None = None
     compute_dtype: str | None = None
@@ -87,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` flags. Defaults come from :class:`ServerSettings`, so the two cannot drift apart."""
     d = ServerSettings()
     add_model_arguments(p, env=True, precision_default=d.precision)
+    add(p, "--synthetic", help="serve random weights of this architecture instead of a checkpoint: full (the real "
+        "13.9B GLM-4V-9B, built straight on the GPU), mid, tiny or a config.json — for memory and speed tests")
     add(p, "--host", default=d.host, help="address to bind; a non-loopback address without --api-key logs a warning")
     add(p, "--port", default=d.port, type=int, help="TCP port")
     add(p, "--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route (prefer the env variable: "

@@ -136,3 +136,19 @@ def test_cors_only_when_configured(api, base_settings, tiny_fp32):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
         r = httpx.options(f"{s.url}/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
         assert r.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+def test_serving_a_synthetic_model(base_settings):
+    """`serve --synthetic tiny --precision nf4`: random weights built on the device, reported as such."""
+    from dataclasses import replace
+
+    from .conftest import serve
+
+    settings = replace(base_settings, synthetic="tiny", precision="nf4", device="cpu")
+    with serve(settings, None) as srv:
+        card = srv.client().models.list().data[0].model_dump()
+        assert card["precision"] == "nf4" and card["demo"] is True
+        assert card["layers"]["language_model"] == {"Linear4bit": 8}
+        reply = srv.client().chat.completions.create(model=card["id"], max_tokens=3, temperature=0,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        assert reply.usage.completion_tokens >= 1
