@@ -1,6 +1,6 @@
 """``eval --base-url``: plain OpenAI chat completions over a real socket, against a small local HTTP server.
 
-The stub stands in for any OpenAI-compatible server (ours is not finished yet). It knows each synthetic image's
+The stub stands in for any OpenAI-compatible server (tests/server/test_eval_against_server.py runs it against ours). It knows each synthetic image's
 answer by the image's hash; "/ref" answers everything right and reports its precision in /v1/models, "/cand"
 gets the counting questions wrong and reports nothing.
 """
