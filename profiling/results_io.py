@@ -16,12 +16,11 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every object of a JSON-lines file; blank lines skipped; a bad line fails naming ``file:line``."""
+def iter_jsonl(path: str | Path, what: str = "file"):
+    """(line number, object) for every object of a JSON-lines file; blank lines skipped; errors name ``file:line``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    rows = []
+        raise FileNotFoundError(f"{what} {path} does not exist")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -32,8 +31,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every object of a JSON-lines file (see :func:`iter_jsonl`)."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def results_file(path: str | Path) -> Path:

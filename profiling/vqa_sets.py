@@ -45,34 +45,25 @@ class Item:
 
 
 def load_jsonl_set(path: str | Path) -> list[Item]:
+    from .results_io import iter_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task set {path} does not exist")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: expected an object with image, question, answers")
-            missing = [k for k in ("image", "question", "answers") if k not in d]
-            if missing:
-                raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
-            answers = [d["answers"]] if isinstance(d["answers"], str) else d["answers"]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{where}: 'answers' must be a string or a non-empty list of strings")
-            image = Path(d["image"])
-            if not image.is_absolute():
-                image = path.parent / image
-            if not image.is_file():
-                raise ValueError(f"{where}: image {d['image']!r} not found (looked for {image})")
-            items.append(Item(str(d.get("id", f"{path.stem}-{lineno}")), str(d["question"]), answers, image,
-                              str(d.get("category", path.stem))))
+    for lineno, d in iter_jsonl(path, what="task set"):
+        where = f"{path}:{lineno}"
+        missing = [k for k in ("image", "question", "answers") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
+        answers = [d["answers"]] if isinstance(d["answers"], str) else d["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: 'answers' must be a string or a non-empty list of strings")
+        image = Path(d["image"])
+        if not image.is_absolute():
+            image = path.parent / image
+        if not image.is_file():
+            raise ValueError(f"{where}: image {d['image']!r} not found (looked for {image})")
+        items.append(Item(str(d.get("id", f"{path.stem}-{lineno}")), str(d["question"]), answers, image,
+                          str(d.get("category", path.stem))))
     if not items:
         raise ValueError(f"task set {path} holds no items")
     return items

@@ -64,6 +64,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on: the default when None, and "cuda" pinned to the current index."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class LoadedModel:
     """Everything a caller needs to run the model, and the facts to report about it."""
@@ -119,9 +127,7 @@ def load(
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = resolve_device(device)
     info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
     if spec is None:
         spec = PrecisionSpec(

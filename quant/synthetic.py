@@ -28,7 +28,7 @@ from glm4v.checkpoint import CheckpointInfo, expected_shapes, load_config
 from glm4v.tokenizer import SPECIAL_TOKENS
 
 from .bnb import fix_cpu_4bit_layers, quantized_linear
-from .loader import LoadedModel, check_vision_size, default_device
+from .loader import LoadedModel, check_vision_size, resolve_device
 from .memory import weight_bytes
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec
 
@@ -117,9 +117,7 @@ def build(
     name = config if isinstance(config, str) else "config"
     if isinstance(config, str):
         config = synthetic_config(config)
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = resolve_device(device)
     spec = PrecisionSpec(
         precision=precision, vision_precision=vision_precision, compute_dtype=compute_dtype,
         double_quant=double_quant, quantize_lm_head=quantize_lm_head,
