@@ -161,6 +161,9 @@ def load(
     if device.type == "cpu":
         fix_cpu_4bit_layers(model)
     model.eval()
+    # An inference model: no autograd graph (memory), and bitsandbytes' CPU 4-bit matmul adds a bias in place,
+    # which autograd refuses when the bias requires grad. Fine-tuners can turn it back on.
+    model.requires_grad_(False)
     if vision_size != vc.image_size:
         vision.patch_embedding.position_table(vision_size // vc.patch_size)  # resample once, at load
 

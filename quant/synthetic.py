@@ -161,6 +161,7 @@ def build(
     if device.type == "cpu":
         fix_cpu_4bit_layers(model)
     model.eval()
+    model.requires_grad_(False)  # as quant.load: inference only
     if vision_size != vc.image_size:
         model.transformer.vision.patch_embedding.position_table(vision_size // vc.patch_size)
     if device.type == "cuda":

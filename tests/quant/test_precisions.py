@@ -136,3 +136,12 @@ def test_quantized_model_is_never_moved_with_to(tiny_dir, monkeypatch):
 def test_unknown_precision_is_a_clear_error(tiny_dir):
     with pytest.raises(ValueError, match="unknown precision 'int3'"):
         quant.load(tiny_dir, precision="int3", device="cpu")
+
+
+@pytest.mark.parametrize("precision", ["nf4", "int8"])
+def test_loaded_model_runs_without_no_grad(load_tiny, inputs, precision):
+    """The README's plain `lm.model(ids, pixel_values=...)`: no autograd context needed, no graph built."""
+    lm = load_tiny(precision)
+    out = lm.model(inputs[0], pixel_values=inputs[1])
+    assert not out.logits.requires_grad
+    assert not any(p.requires_grad for p in lm.model.parameters())
