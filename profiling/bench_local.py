@@ -86,7 +86,7 @@ def bench_plain(lm, inputs, args) -> dict:
 
 
 def bench_engine(lm, engine, inputs, args, concurrency: int) -> dict:
-    from server.engine import GenerationRequest
+    from server.requests import GenerationRequest
 
     def one(item):
         ids, data = item

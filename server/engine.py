@@ -1,8 +1,8 @@
 """The engine: one thread owns the model and runs continuous batching over a preallocated KV cache.
 
-Requests queue (bounded) and are admitted while cache rows are free. Each loop iteration does at most one chunk of
-one prompt's prefill (its image is encoded once, at the first chunk) and then one decode step for every running
-sequence together — decode on one GPU is memory-bound, so a batch of 8 costs little more than a batch of 1. A
+Requests queue (bounded) and are admitted while cache rows are free. Each loop iteration does at most one unit of
+one prompt's prefill and then one decode step for every running sequence together — decode on one GPU is
+memory-bound, so a batch of 8 costs little more than a batch of 1. A
 sequence that finishes or is cancelled leaves at the next step; its cache row is refilled by moving the last
 running row into it, so running rows stay contiguous and a decode step reads one slice of the cache.
 
@@ -12,134 +12,28 @@ entries (default 512). The image is encoded layer group by layer group, the spli
 decode step for the running sequences after each unit.
 
 The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
-whoever submitted them — an asyncio consumer (the server) or a plain thread (benchmarks, tests).
+whoever submitted them (see :mod:`server.requests`) — an asyncio consumer (the server) or a plain thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from glm4v.generate import stop_token_ids
 from glm4v.kv_cache import CacheStep, KVCache
-from glm4v.sampling import Sampler, SamplingParams, sample_batch
+from glm4v.sampling import Sampler, sample_batch
 from glm4v.text_stream import TextStream
 
+from .requests import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
+
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down and takes no new requests (HTTP 503)."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    pixel_values: torch.Tensor | None = None  # (3, N, N) normalized
-    request_id: str = ""
-
-    def cache_entries(self, image_tokens: int) -> int:
-        """Cache entries the prompt occupies: the image's 3 placeholder tokens become ``image_tokens`` entries."""
-        return len(self.prompt_ids) + (image_tokens - 3 if self.pixel_values is not None else 0)
-
-
-@dataclass
-class Event:
-    kind: str  # "delta" | "finish" | "error"
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    error: BaseException | None = None
-
-
-@dataclass
-class Timings:
-    """Wall-clock timestamps (time.perf_counter) of one request, for metrics and profiling."""
-
-    submitted: float = 0.0
-    started: float | None = None  # left the queue, prefill began
-    first_token: float | None = None
-    finished: float | None = None
-    token_times: list[float] = field(default_factory=list)
-
-
-class _Channel:
-    """Delivers events from the engine thread to an asyncio consumer or to a blocking reader."""
-
-    def __init__(self):
-        try:
-            self.loop = asyncio.get_running_loop()
-            self.aq: asyncio.Queue | None = asyncio.Queue()
-            self.q = None
-        except RuntimeError:
-            self.loop, self.aq, self.q = None, None, queue.Queue()
-
-    def put(self, ev: Event) -> None:
-        if self.aq is not None:
-            try:
-                self.loop.call_soon_threadsafe(self.aq.put_nowait, ev)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
-                pass
-        else:
-            self.q.put(ev)
-
-
-class RequestHandle:
-    """What ``submit`` returns: iterate it (async or not) for events; ``cancel()`` stops generation."""
-
-    def __init__(self, request: GenerationRequest, prompt_tokens: int):
-        self.request = request
-        self.request_id = request.request_id
-        self.prompt_tokens = prompt_tokens  # as the model sees it: image embeddings counted
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.timings = Timings(submitted=time.perf_counter())
-        self._cancelled = threading.Event()
-        self._channel = _Channel()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def _emit(self, ev: Event) -> None:
-        self._channel.put(ev)
-
-    def __aiter__(self):
-        return self._aiter()
-
-    async def _aiter(self):
-        if self._channel.aq is None:
-            raise RuntimeError("this handle was created outside an event loop; iterate it synchronously")
-        while True:
-            ev = await self._channel.aq.get()
-            yield ev
-            if ev.kind != "delta":
-                return
-
-    def __iter__(self):
-        if self._channel.q is None:
-            raise RuntimeError("this handle was created inside an event loop; iterate it with `async for`")
-        while True:
-            ev = self._channel.q.get()
-            yield ev
-            if ev.kind != "delta":
-                return
 
 
 @dataclass

@@ -12,7 +12,8 @@ import logging
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from server.engine import EngineStats, RequestHandle
+from server.engine import EngineStats
+from server.requests import RequestHandle
 
 log = logging.getLogger(__name__)
 
