@@ -276,3 +276,25 @@ def best_fitting(candidates: list[tuple[str, str | None]], gpu_bytes: int, **kw)
         if est.fits:
             return p, vp or p, est
     return None
+
+
+def max_context_that_fits(
+    free_bytes: int,
+    config: ChatGLMConfig,
+    batch: int,
+    precision: str,
+    vision_precision: str | None = None,
+    vision_size: int | None = None,
+    prefill_tokens: int = 512,
+    compute_dtype: str | None = None,
+    headroom_bytes: int = 512 * 2**20,
+) -> int:
+    """The longest context (tokens per sequence) whose KV cache for ``batch`` sequences fits ``free_bytes`` — the
+    memory left after the weights are loaded — while keeping room for the activation peak of a ``prefill_tokens``
+    prefill chunk or of the vision encoder, and ``headroom_bytes`` for allocator fragmentation. Capped at the
+    config's ``seq_length``; 0 when nothing fits."""
+    est = estimate(config, precision=precision, vision_precision=vision_precision, vision_size=vision_size,
+                   context=1, batch=batch, prompt_tokens=prefill_tokens, compute_dtype=compute_dtype)
+    budget = free_bytes - est.activation_peak_bytes - headroom_bytes
+    tokens = budget // (est.kv_cache_bytes_per_token * batch) if budget > 0 else 0
+    return int(min(config.seq_length, tokens))

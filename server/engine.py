@@ -105,9 +105,16 @@ class Engine:
 
     # ---- public API (any thread) ----------------------------------------------------------------------------
     def start(self) -> "Engine":
+        """Start the engine thread; returns once its KV cache is allocated (raises if it cannot be)."""
         if self._thread is None:
+            self._started = threading.Event()
+            self._start_error: BaseException | None = None
             self._thread = threading.Thread(target=self._loop, name="glm4v-engine", daemon=True)
             self._thread.start()
+            self._started.wait()
+            if self._start_error is not None:
+                self._thread.join()
+                raise self._start_error
         return self
 
     def prompt_tokens(self, request: GenerationRequest) -> int:
@@ -174,7 +181,17 @@ class Engine:
         # every other thread that ran a parallel torch op keeps an idle OpenMP team, and libgomp then throttles the
         # spin-waiting of ours: small ops get ~5× slower. Request threads therefore do no torch math.
         torch.set_grad_enabled(False)
-        self.cache = self.model.new_cache(max_len=self.max_model_len, max_batch=self.max_batch_size)
+        try:
+            self.cache = self.model.new_cache(max_len=self.max_model_len, max_batch=self.max_batch_size)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # CPU allocators raise RuntimeError, CUDA OutOfMemory
+            self._start_error = MemoryError(
+                f"the KV cache for {self.max_batch_size} sequences × {self.max_model_len} tokens "
+                f"({self.kv_cache_bytes / 2**30:.2f} GiB) could not be allocated ({type(e).__name__}): "
+                "lower --max-batch-size or --max-model-len"
+            )
+            self._started.set()
+            return
+        self._started.set()
         with torch.inference_mode():
             while True:
                 with self._cv:

@@ -45,6 +45,38 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
     return size
 
 
+def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | None = None) -> int:
+    """``--max-model-len`` if given; else the checkpoint's seq_length — on a GPU, as much of it as the memory left
+    after loading can hold for ``--max-batch-size`` sequences (a 12 GB card with nf4 has room for ~5k tokens × 8,
+    not 8192 × 8), like vLLM sizing its cache from the free memory."""
+    if s.max_model_len:
+        return s.max_model_len
+    seq_length = lm.config.seq_length
+    if free_bytes is None:
+        if lm.device.type != "cuda":
+            return seq_length
+        free_bytes, _ = torch.cuda.mem_get_info(lm.device)
+    from quant.estimate import max_context_that_fits
+
+    spec = lm.spec
+    fits = max_context_that_fits(free_bytes, lm.config, s.max_batch_size, spec.precision, spec.vision_precision,
+                                 lm.vision_size, prefill_tokens=s.prefill_chunk,
+                                 compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"))
+    need = lm.image_tokens() + 256
+    if fits < need:
+        raise MemoryError(
+            f"{free_bytes / 2**30:.2f} GiB left after loading cannot hold a KV cache of {s.max_batch_size} × {need} "
+            "tokens (one image and a short exchange) next to the activations: lower --max-batch-size, use a smaller "
+            "--precision or --vision-size, or set --max-model-len explicitly"
+        )
+    chosen = fits if fits >= seq_length else fits // 256 * 256
+    if chosen < seq_length:
+        log.warning("max_model_len %d (of the checkpoint's %d): what %.2f GiB of free memory holds for %d sequences; "
+                    "set --max-model-len / --max-batch-size to choose differently", chosen, seq_length,
+                    free_bytes / 2**30, s.max_batch_size)
+    return chosen
+
+
 class Runtime:
     def __init__(self, settings: ServerSettings, metrics: Metrics, loaded: LoadedModel | Loader | None = None,
                  hooks=None):
@@ -84,7 +116,7 @@ class Runtime:
                 log.info("--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size,
                          self.low_detail_size)
             self.engine = Engine(lm.model, lm.tokenizer, max_batch_size=s.max_batch_size,
-                                 max_model_len=s.max_model_len, max_queue=s.max_queue,
+                                 max_model_len=choose_max_model_len(lm, s), max_queue=s.max_queue,
                                  prefill_chunk=s.prefill_chunk, vision_layers_per_step=s.vision_layers_per_step,
                                  hooks=self.hooks).start()
             self.metrics.set_model(lm.spec.label(), lm.spec.vision_precision, device_name(lm.device),

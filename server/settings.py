@@ -100,7 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated origins allowed by CORS, '*' for any; empty = no CORS headers")
     add(p, "--max-batch-size", default=d.max_batch_size, type=int, help="sequences decoded together")
     add(p, "--max-model-len", type=int, help="context length: prompt (image embeddings included) + completion "
-        "(default: the checkpoint's seq_length)")
+        "(default: the checkpoint's seq_length; on a GPU capped to what the memory left after loading holds for "
+        "--max-batch-size sequences)")
     add(p, "--max-queue", default=d.max_queue, type=int,
         help="requests allowed to wait for a batch slot; more answer 429 with Retry-After")
     add(p, "--prefill-chunk", default=d.prefill_chunk, type=int,

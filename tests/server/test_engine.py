@@ -192,3 +192,10 @@ def test_image_prefill_is_interleaved_with_running_decode(tiny_fp32):
         assert result[1] == generate_text(lm.model, lm.tokenizer, ids, px, params)[1]  # staging changes nothing
     finally:
         eng.shutdown(timeout=5)
+
+
+def test_a_kv_cache_that_cannot_be_allocated_fails_start_clearly(tiny_fp32):
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=4096, max_model_len=2**40)  # petabytes: refused at once
+    with pytest.raises(MemoryError, match=r"KV cache for 4096 sequences × 1099511627776 tokens .*lower --max-batch"):
+        eng.start()

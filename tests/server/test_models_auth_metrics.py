@@ -152,3 +152,26 @@ def test_serving_a_synthetic_model(base_settings):
         reply = srv.client().chat.completions.create(model=card["id"], max_tokens=3, temperature=0,
                                                      messages=[{"role": "user", "content": "hi"}])
         assert reply.usage.completion_tokens >= 1
+
+
+def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_tiny):
+    """On a GPU without --max-model-len, the KV cache is sized to the free memory (as vLLM does)."""
+    from dataclasses import replace
+
+    import pytest
+
+    from quant.estimate import estimate, max_context_that_fits
+    from server.runtime import choose_max_model_len
+
+    lm = load_tiny("nf4")
+    s = replace(base_settings, max_model_len=None, max_batch_size=8)
+    per_token = estimate(lm.config, precision="nf4").kv_cache_bytes_per_token
+    activation = estimate(lm.config, precision="nf4", context=1, batch=8, prompt_tokens=s.prefill_chunk)
+    free = activation.activation_peak_bytes + 512 * 2**20 + 8 * 1000 * per_token
+    assert max_context_that_fits(free, lm.config, 8, "nf4", prefill_tokens=s.prefill_chunk) == 1000
+    assert choose_max_model_len(lm, s, free_bytes=free) == 768  # rounded down to a multiple of 256
+    assert choose_max_model_len(lm, s, free_bytes=10 * 2**30) == lm.config.seq_length  # capped
+    assert choose_max_model_len(lm, replace(s, max_model_len=300), free_bytes=1) == 300  # explicit wins
+    assert choose_max_model_len(lm, s) == lm.config.seq_length  # CPU: the checkpoint's context
+    with pytest.raises(MemoryError, match="lower --max-batch-size"):
+        choose_max_model_len(lm, s, free_bytes=activation.activation_peak_bytes)
