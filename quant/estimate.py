@@ -196,8 +196,9 @@ def estimate(
     """Predict memory for one configuration. ``config`` defaults to the released GLM-4V-9B.
 
     ``context`` is the KV-cache length per sequence (prompt, image embeddings included, plus output), ``batch``
-    the number of sequences sharing the GPU; the prefill activations are for one prompt of ``prompt_tokens``
-    (default: one image + 512 text tokens, capped at ``context``).
+    the number of sequences sharing the GPU (their KV caches); the activation peaks are for one image and one
+    prompt of ``prompt_tokens`` (default: one image + 512 text tokens, capped at ``context``), since the engine
+    prefills one request at a time.
     """
     c = config or ChatGLMConfig()
     vision_precision = vision_precision or precision
@@ -239,7 +240,9 @@ def estimate(
 
     # Vision encoder: residual stream, fused QKV, attention output, MLP hidden before and after GELU.
     L = (vision_size // v.patch_size) ** 2 + 1
-    vis = batch * L * (v.hidden_size * 5 + 2 * v.intermediate_size) * vision_float
+    # One image and one prompt at a time: the engine prefills requests one by one, so only the KV cache scales with
+    # ``batch``, not these peaks.
+    vis = L * (v.hidden_size * 5 + 2 * v.intermediate_size) * vision_float
     # Prefill: residual, QKV, attention output, fused gate/up, SwiGLU product, MLP output (one layer at a time).
     qkv = c.num_attention_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
     pre = prompt * (3 * c.hidden_size + qkv + 3 * c.ffn_hidden_size) * act_bytes
@@ -294,7 +297,7 @@ def max_context_that_fits(
     prefill chunk or of the vision encoder, and ``headroom_bytes`` for allocator fragmentation. Capped at the
     config's ``seq_length``; 0 when nothing fits."""
     est = estimate(config, precision=precision, vision_precision=vision_precision, vision_size=vision_size,
-                   context=1, batch=batch, prompt_tokens=prefill_tokens, compute_dtype=compute_dtype)
+                   context=prefill_tokens, prompt_tokens=prefill_tokens, compute_dtype=compute_dtype)
     budget = free_bytes - est.activation_peak_bytes - headroom_bytes
     tokens = budget // (est.kv_cache_bytes_per_token * batch) if budget > 0 else 0
     return int(min(config.seq_length, tokens))

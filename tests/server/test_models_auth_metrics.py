@@ -166,7 +166,7 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
     lm = load_tiny("nf4")
     s = replace(base_settings, max_model_len=None, max_batch_size=8)
     per_token = estimate(lm.config, precision="nf4").kv_cache_bytes_per_token
-    activation = estimate(lm.config, precision="nf4", context=1, batch=8, prompt_tokens=s.prefill_chunk)
+    activation = estimate(lm.config, precision="nf4", context=s.prefill_chunk, prompt_tokens=s.prefill_chunk)
     free = activation.activation_peak_bytes + 512 * 2**20 + 8 * 1000 * per_token
     assert max_context_that_fits(free, lm.config, 8, "nf4", prefill_tokens=s.prefill_chunk) == 1000
     assert choose_max_model_len(lm, s, free_bytes=free) == 768  # rounded down to a multiple of 256
