@@ -151,8 +151,11 @@ class Runtime:
             config = load_config(model_dir)
         precision = s.precision
         if precision == "auto":
+            # Without --max-model-len the context is sized to the memory left after loading, so the precision is
+            # chosen for a modest 2048 tokens per sequence rather than the full 8192.
             precision, reason = choose_precision(config, device, vision_size=s.vision_size,
-                                                 context=s.max_model_len or config.seq_length, batch=s.max_batch_size)
+                                                 context=s.max_model_len or min(config.seq_length, 2048),
+                                                 batch=s.max_batch_size)
             log.info("--precision auto → %s (%s)", precision, reason)
         kw = dict(precision=precision, vision_precision=s.vision_precision, device=device, vision_size=s.vision_size,
                   compute_dtype=s.compute_dtype, double_quant=s.double_quant)
