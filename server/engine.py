@@ -205,8 +205,9 @@ class Engine:
                         self._prefill_step()
                     if self._running:
                         self._decode_step()
-                except Exception:  # never let the thread die: fail what was in flight, keep serving
+                except Exception as e:  # never let the thread die: fail what was in flight, keep serving
                     log.exception("engine step failed")
+                    self._fail_in_flight(e)
             for seq in self._running + ([self._prefilling] if self._prefilling else []):
                 seq.handle._emit(Event("finish", finish_reason="cancelled"))
             self._running.clear()
@@ -234,6 +235,15 @@ class Engine:
             stops=stop_token_ids(self.model, p),
             max_new=min(p.max_new_tokens, self.max_model_len - handle.prompt_tokens),
         )
+
+    def _fail_in_flight(self, err: BaseException) -> None:
+        """An unexpected error outside the model calls: end every in-flight request with it, free every row."""
+        for seq in self._running + ([self._prefilling] if self._prefilling else []):
+            self._fail(seq, err)
+        self._running = []
+        self._prefilling = None
+        self.cache.reset()
+        self._after_error(err)
 
     def _fail(self, seq: _Sequence, err: BaseException) -> None:
         seq.handle.finish_reason = "error"

@@ -199,3 +199,30 @@ def test_a_kv_cache_that_cannot_be_allocated_fails_start_clearly(tiny_fp32):
     eng = Engine(lm.model, lm.tokenizer, max_batch_size=4096, max_model_len=2**40)  # petabytes: refused at once
     with pytest.raises(MemoryError, match=r"KV cache for 4096 sequences × 1099511627776 tokens .*lower --max-batch"):
         eng.start()
+
+
+def test_an_unexpected_step_error_fails_in_flight_requests_and_the_engine_keeps_serving(tiny_fp32, monkeypatch):
+    lm = tiny_fp32
+    eng = Engine(lm.model, lm.tokenizer, max_batch_size=2, max_model_len=128).start()
+    try:
+        import glm4v.text_stream as ts
+
+        real_push = ts.TextStream.push
+        calls = {"n": 0}
+
+        def flaky(self, token_id):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom in detokenization")
+            return real_push(self, token_id)
+
+        monkeypatch.setattr(ts.TextStream, "push", flaky)
+        h = eng.submit(GenerationRequest(_ids(lm, "x"), SamplingParams(max_new_tokens=10, temperature=0,
+                                                                       ignore_eos=True)))
+        events = list(h)
+        assert events[-1].kind == "error" and "boom" in str(events[-1].error)
+        monkeypatch.setattr(ts.TextStream, "push", real_push)
+        text, toks, reason = _collect(eng.submit(GenerationRequest(_ids(lm, "y"), SamplingParams(max_new_tokens=4))))
+        assert reason in ("length", "stop") and eng.stats().running == 0
+    finally:
+        eng.shutdown(timeout=5)
