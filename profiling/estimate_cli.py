@@ -58,7 +58,18 @@ def _gb(n: int) -> str:
     return f"{n / GB:8.3f} GB {n / 2**30:8.3f} GiB"
 
 
-def describe(est, params: int, source: str) -> str:
+def serve_context(est, cfg) -> int:
+    """The context `glm4v-edge serve` would pick on this card without --max-model-len: what the memory left after
+    the weights and the CUDA context holds for --batch sequences (quant.estimate.max_context_that_fits)."""
+    from quant.estimate import max_context_that_fits, serving_context
+
+    free = est.gpu_bytes - est.weights_bytes - est.cuda_context_bytes
+    fits = max_context_that_fits(free, cfg, est.batch, est.precision, est.vision_precision, est.vision_size,
+                                 compute_dtype={"bfloat16": "bf16", "float16": "fp16"}.get(est.dtype, "fp32"))
+    return serving_context(fits, cfg.seq_length)
+
+
+def describe(est, params: int, source: str, serve_ctx: int | None = None) -> str:
     d = est.to_dict()
     w, a = d["breakdown"]["weights"], d["breakdown"]["activation"]
     vp = f", vision {est.vision_precision}" if est.vision_precision != est.precision else ""
@@ -83,6 +94,8 @@ def describe(est, params: int, source: str) -> str:
         room = est.gpu_bytes - est.total_bytes
         lines.append(f"fits {est.gpu_bytes / GIB:g} GiB: {'yes' if est.fits else 'NO'} "
                      f"({abs(room) / GIB:.2f} GiB {'to spare' if room >= 0 else 'short'})")
+        lines.append(f"serve without --max-model-len: up to {serve_ctx} tokens × {est.batch} sequences"
+                     if serve_ctx else "serve: no room left for a KV cache at this batch")
     return "\n".join(lines)
 
 
@@ -129,10 +142,12 @@ def run(args) -> int:
             d["config_source"] = source
             if args.gpu_gb is not None:
                 d["best_fitting"] = best
+                d["serve_max_model_len"] = serve_context(e, cfg)
             docs.append(d)
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
         return 0
-    print("\n\n".join(describe(e, params, source) for e in ests))
+    print("\n\n".join(describe(e, params, source, serve_context(e, cfg) if args.gpu_gb is not None else None)
+                      for e in ests))
     if args.gpu_gb is not None:
         if best is None:
             print(f"\nnothing fits {args.gpu_gb:g} GiB at context {args.context} × batch {args.batch}, "

@@ -301,3 +301,9 @@ def max_context_that_fits(
     budget = free_bytes - est.activation_peak_bytes - headroom_bytes
     tokens = budget // (est.kv_cache_bytes_per_token * batch) if budget > 0 else 0
     return int(min(config.seq_length, tokens))
+
+
+def serving_context(fits: int, seq_length: int) -> int:
+    """The context a server configures from ``max_context_that_fits``: all of ``seq_length`` when it fits, else
+    rounded down to a multiple of 256 tokens."""
+    return fits if fits >= seq_length else fits // 256 * 256

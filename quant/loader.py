@@ -118,7 +118,6 @@ def load(
     compute_dtype: str | torch.dtype | None = None,
     double_quant: bool = True,
     quantize_lm_head: bool = False,
-    spec: PrecisionSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint in ``model_dir``; returns model, tokenizer, image processor and precision spec together.
 
@@ -129,15 +128,13 @@ def load(
     model_dir = Path(model_dir)
     device = resolve_device(device)
     info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
-    if spec is None:
-        spec = PrecisionSpec(
-            precision=precision,
-            vision_precision=vision_precision,
-            compute_dtype=compute_dtype,
-            double_quant=double_quant,
-            quantize_lm_head=quantize_lm_head,
-        )
-    spec = spec.resolve(device)
+    spec = PrecisionSpec(
+        precision=precision,
+        vision_precision=vision_precision,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        quantize_lm_head=quantize_lm_head,
+    ).resolve(device)
 
     vc = info.config.vision
     vision_size = vision_size or vc.image_size

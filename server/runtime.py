@@ -56,7 +56,7 @@ def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | N
         if lm.device.type != "cuda":
             return seq_length
         free_bytes, _ = torch.cuda.mem_get_info(lm.device)
-    from quant.estimate import max_context_that_fits
+    from quant.estimate import max_context_that_fits, serving_context
 
     spec = lm.spec
     fits = max_context_that_fits(free_bytes, lm.config, s.max_batch_size, spec.precision, spec.vision_precision,
@@ -69,7 +69,7 @@ def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | N
             "tokens (one image and a short exchange) next to the activations: lower --max-batch-size, use a smaller "
             "--precision or --vision-size, or set --max-model-len explicitly"
         )
-    chosen = fits if fits >= seq_length else fits // 256 * 256
+    chosen = serving_context(fits, seq_length)
     if chosen < seq_length:
         log.warning("max_model_len %d (of the checkpoint's %d): what %.2f GiB of free memory holds for %d sequences; "
                     "set --max-model-len / --max-batch-size to choose differently", chosen, seq_length,

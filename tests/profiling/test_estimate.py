@@ -116,3 +116,18 @@ def test_estimate_reads_a_checkpoint_config(tiny_dir, capsys, load_tiny):
     d = json.loads(capsys.readouterr().out)
     assert d["weights_bytes"] == load_tiny("nf4").weight_bytes["total"]
     assert d["cuda_context_bytes"] == 0
+
+
+def test_gpu_gb_reports_the_context_serve_would_pick(capsys):
+    """With --gpu-gb the estimate also says what `serve` picks without --max-model-len: the same arithmetic."""
+    from glm4v.config import ChatGLMConfig
+    from quant.estimate import CUDA_CONTEXT_BYTES, estimate, max_context_that_fits, serving_context
+
+    assert main(["estimate", "--precision", "nf4", "--gpu-gb", "12", "--batch", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    cfg = ChatGLMConfig()
+    free = 12 * 2**30 - estimate(cfg, precision="nf4").weights_bytes - CUDA_CONTEXT_BYTES
+    assert d["serve_max_model_len"] == serving_context(max_context_that_fits(free, cfg, 8, "nf4"), 8192)
+    assert 0 < d["serve_max_model_len"] < 8192 and d["serve_max_model_len"] % 256 == 0
+    assert main(["estimate", "--precision", "nf4", "--gpu-gb", "24", "--batch", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["serve_max_model_len"] == 8192
