@@ -28,7 +28,9 @@ class ImageError(ValueError):
     """The bytes are not an image we accept; the message is safe to show to the client."""
 
 
-def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None) -> Image.Image:
+def open_image(
+    data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+) -> Image.Image:
     """Decode bytes (or a path) into an RGB PIL image, enforcing a pixel cap before decoding the pixels.
 
     ``target`` lets JPEG decoding skip straight to a scale ≥ target×target (the draft mode).
@@ -74,7 +76,7 @@ class ImageProcessor:
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         # numpy, not torch: this runs on request threads, and a torch op big enough to go parallel would give each
-        # of them an OpenMP team, which throttles the spin-waiting of the engine thread's team (5× slower small ops).
+        # of them an OpenMP team, which throttles the spin-waiting of the engine thread's team (docs/PERFORMANCE.md).
         arr = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (N, N, 3) in [0, 1]
         arr = (arr - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, N, N)

@@ -45,9 +45,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim = rotary_dim  # 64 of the 128 head dims
         self.base = base
-        # Not persistent: checkpoints may or may not store it and forward never reads a stored value.
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # No ``inv_freq`` buffer: the reference stores one its forward never reads, and as a non-persistent buffer
+        # it would hold garbage after from_pretrained builds the model on the meta device. The checkpoint key, when
+        # present, is ignored on load.
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, S) positions → (B, S, rotary_dim/2, 2) [cos, sin] table.
@@ -55,6 +55,7 @@ class RotaryEmbedding(nn.Module):
         Computed in fp32 then cast to the activation dtype when that is 16-bit, as the reference does
         ("mimic complex32"), so bf16/fp16 runs match it bit for bit.
         """
+        # 32 frequencies, computed per call as the reference does (it costs nothing next to one matmul).
         theta = 1.0 / (
             self.base
             ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / self.rotary_dim)

@@ -95,9 +95,6 @@ def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
 def _fill_random(model: ChatGLMForConditionalGeneration, module: nn.Module) -> None:
     # The model's own init covers every parameter kind (Linear, Conv2d, Embedding, norms, boi/eoi, CLS).
     model._init_weights(module)
-    if hasattr(module, "inv_freq"):  # RotaryEmbedding: a derived buffer, recomputed as its __init__ does
-        rd = module.rotary_dim
-        module.inv_freq.copy_(1.0 / (module.base ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)))
 
 
 @torch.no_grad()

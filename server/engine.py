@@ -179,7 +179,8 @@ class Engine:
     def _loop(self) -> None:
         # All of the engine's torch work — the cache allocation included — happens on this one thread. On a CPU,
         # every other thread that ran a parallel torch op keeps an idle OpenMP team, and libgomp then throttles the
-        # spin-waiting of ours: small ops get ~5× slower. Request threads therefore do no torch math.
+        # spin-waiting of ours: small ops get many times slower (docs/PERFORMANCE.md). Request threads therefore do
+        # no torch math.
         torch.set_grad_enabled(False)
         try:
             self.cache = self.model.new_cache(max_len=self.max_model_len, max_batch=self.max_batch_size)
@@ -316,7 +317,9 @@ class Engine:
         start = seq.done_entries
         end = min(start + self.prefill_chunk, seq.embeds.shape[1])
         step = CacheStep.build(self.cache, seq.row, 1, end - start, self.device)
-        logits = self.model.forward_embeds(seq.embeds[:, start:end], seq.positions[:, start:end], step, logits_to_keep=1)
+        logits = self.model.forward_embeds(
+            seq.embeds[:, start:end], seq.positions[:, start:end], step, logits_to_keep=1
+        )
         step.commit(end - start, [seq.next_position])
         seq.done_entries = end
         return logits if end == seq.embeds.shape[1] else None
