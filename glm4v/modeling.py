@@ -112,6 +112,12 @@ class SelfAttention(nn.Module):
             mask, is_causal = None, s > 1
         else:
             k, v, mask, is_causal = step.update_and_fetch(self.layer_idx, k, v)
+        if s == 1:
+            # Decode: the 16 query heads of a KV group attend as 16 queries of that one group, so no kernel ever
+            # expands K/V to 32 heads (the math fallback for a masked GQA call would copy the whole cache row).
+            qg = q.reshape(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, is_causal=False)
+            return self.dense(out.reshape(b, 1, self.q_size))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.q_size))
 

@@ -122,7 +122,8 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
     source = ["--synthetic", args.synthetic] if args.synthetic else ["--model", model_dir]
     cmd = [sys.executable, "-m", "glm4v_edge", "--log-level", "WARNING", "serve", *source,
            "--precision", args.precision, "--port", str(port), "--max-batch-size", str(max_batch_size),
-           "--prefill-chunk", str(args.prefill_chunk), "--vision-layers-per-step", str(args.vision_layers_per_step)]
+           "--prefill-chunk", str(args.prefill_chunk), "--vision-layers-per-step", str(args.vision_layers_per_step),
+           "--compile", args.compile]
     if args.device:
         cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -145,6 +146,7 @@ def benchmark_local(args, meta: dict) -> dict:
     import quant
     from glm4v_edge.loading import resolve_model_dir
     from server.engine import Engine
+    from server.runtime import compile_mode
 
     if args.synthetic:
         from quant.synthetic import build
@@ -166,8 +168,11 @@ def benchmark_local(args, meta: dict) -> dict:
 
     engine_levels = []
     engine = Engine(lm.model, lm.tokenizer, max_batch_size=max(args.max_batch_size, max(args.concurrency)),
-                    prefill_chunk=args.prefill_chunk, vision_layers_per_step=args.vision_layers_per_step)
+                    prefill_chunk=args.prefill_chunk, vision_layers_per_step=args.vision_layers_per_step,
+                    decode_graphs=compile_mode(args.compile, lm.device))
     engine.start()
+    if engine.compile_status() is not None:
+        meta["compile"] = engine.compile_status()
     try:
         bench_engine(lm, engine, inputs[:1], args, 1)  # warm-up
         for c in args.concurrency:

@@ -246,6 +246,9 @@ def add_arguments(p) -> None:
                    help="(without --base-url) prompt entries prefilled per engine step (default 512)")
     p.add_argument("--vision-layers-per-step", type=int, default=8,
                    help="(without --base-url) ViT layers run per engine step (default 8)")
+    p.add_argument("--compile", default="off", nargs="?", const="reduce-overhead",
+                   choices=("off", "reduce-overhead", "cudagraphs", "default"),
+                   help="(without --base-url) serve's --compile, for the engine and the server (GPU only)")
 
 
 def run(args) -> int:

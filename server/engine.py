@@ -29,6 +29,7 @@ import torch
 from glm4v.generate import stop_token_ids
 from glm4v.kv_cache import CacheStep, KVCache
 from glm4v.sampling import Sampler, sample_batch
+from glm4v.static_decode import DecodeGraphs
 from glm4v.text_stream import TextStream
 
 from .requests import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
@@ -76,8 +77,12 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 512,
         vision_layers_per_step: int = 8,
+        decode_graphs: str | None = None,
         hooks=None,
     ):
+        """``decode_graphs``: None decodes with the ordinary forward; a :data:`glm4v.static_decode.COMPILE_MODES`
+        key compiles the fixed-shape decode step per batch bucket before serving (``--compile``); "static" runs that
+        step uncompiled. A compile that fails logs why and falls back to the ordinary forward."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -86,6 +91,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.vision_layers_per_step = vision_layers_per_step
         self.hooks = hooks
+        self.decode_graphs = decode_graphs
+        self.graphs: DecodeGraphs | None = None
+        self.compile_error: str | None = None
         self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
         self.device = model.embed_device
         # Allocated by the engine thread when it starts (see _loop); a prefill always writes the first free row.
@@ -192,6 +200,8 @@ class Engine:
             )
             self._started.set()
             return
+        if self.decode_graphs is not None:
+            self._build_graphs()
         self._started.set()
         with torch.inference_mode():
             while True:
@@ -213,6 +223,34 @@ class Engine:
                 seq.handle._emit(Event("finish", finish_reason="cancelled"))
             self._running.clear()
             self._prefilling = None
+
+    def _build_graphs(self) -> None:
+        mode = None if self.decode_graphs == "static" else self.decode_graphs
+        try:
+            graphs = DecodeGraphs(self.model, self.cache, mode, self.max_batch_size)
+            log.info("compiling the decode step (%s) for batch sizes %s", self.decode_graphs, graphs.buckets)
+            graphs.warmup()
+        except Exception as e:  # a backend that cannot capture this model (e.g. int8's outlier path): run eagerly
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:3]  # dynamo's advice follows
+            self.compile_error = f"{type(e).__name__}: {' '.join(lines)}"[:500]
+            log.warning("--compile %s failed, decoding without it: %s", self.decode_graphs, self.compile_error)
+            self.cache.reset()
+            self._after_error(e)
+            return
+        self.graphs = graphs
+        log.info("decode step compiled (%s) in %.1f s", self.decode_graphs, graphs.warmup_s)
+
+    def compile_status(self) -> dict | None:
+        """What /v1/models reports about --compile: None when it was not asked for."""
+        if self.decode_graphs is None:
+            return None
+        return {
+            "mode": self.decode_graphs,
+            "active": self.graphs is not None,
+            "batch_buckets": self.graphs.buckets if self.graphs is not None else [],
+            "warmup_s": round(self.graphs.warmup_s, 2) if self.graphs is not None else None,
+            "error": self.compile_error,
+        }
 
     def _has_work(self) -> bool:
         return bool(self._running or self._prefilling or self._waiting)
@@ -328,8 +366,11 @@ class Engine:
         seqs = self._running
         tokens = [s.last_token for s in seqs]
         try:
-            ids = torch.tensor(tokens, device=self.device)[:, None]
-            logits = self.model(ids, cache=self.cache, cache_row=0, logits_to_keep=1).logits[:, -1]
+            if self.graphs is not None:
+                logits = self.graphs.decode(tokens)
+            else:
+                ids = torch.tensor(tokens, device=self.device)[:, None]
+                logits = self.model(ids, cache=self.cache, cache_row=0, logits_to_keep=1).logits[:, -1]
             chosen = sample_batch(logits, [s.sampler for s in seqs])
         except Exception as e:
             self._after_error(e)

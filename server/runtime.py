@@ -45,6 +45,18 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
     return size
 
 
+def compile_mode(requested: str, device: torch.device) -> str | None:
+    """``--compile`` as the engine takes it: None when off, and on a CPU, where the compiled step measured slower
+    (docs/PERFORMANCE.md, "--compile")."""
+    if requested == "off":
+        return None
+    if device.type != "cuda":
+        log.warning("--compile %s ignored on %s: the compiled decode step is slower there (docs/PERFORMANCE.md)",
+                    requested, device.type)
+        return None
+    return requested
+
+
 def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | None = None) -> int:
     """``--max-model-len`` if given; else the checkpoint's seq_length — on a GPU, as much of it as the memory left
     after loading can hold for ``--max-batch-size`` sequences (a 12 GB card with nf4 has room for ~5k tokens × 8,
@@ -118,7 +130,7 @@ class Runtime:
             self.engine = Engine(lm.model, lm.tokenizer, max_batch_size=s.max_batch_size,
                                  max_model_len=choose_max_model_len(lm, s), max_queue=s.max_queue,
                                  prefill_chunk=s.prefill_chunk, vision_layers_per_step=s.vision_layers_per_step,
-                                 hooks=self.hooks).start()
+                                 decode_graphs=compile_mode(s.compile, lm.device), hooks=self.hooks).start()
             self.metrics.set_model(lm.spec.label(), lm.spec.vision_precision, device_name(lm.device),
                                    lm.vision_size, self.demo, lm.weight_bytes.get("total", 0))
             self.description = lm.describe()  # walks every module: once, not per /v1/models call
@@ -214,6 +226,7 @@ class Runtime:
             "vram": vram_snapshot(lm.device),
             "max_batch_size": eng.max_batch_size,
             "max_queue": eng.max_queue,
+            "compile": eng.compile_status(),
             "notes": d["notes"],
             "demo": self.demo,
         }

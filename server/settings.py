@@ -14,6 +14,7 @@ from glm4v_edge.options import add, add_model_arguments
 
 MIB = 1 << 20
 MULTI_IMAGE_POLICIES = ("reject", "first")
+COMPILE_CHOICES = ("off", "reduce-overhead", "cudagraphs", "default")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -40,6 +41,7 @@ class ServerSettings:
     max_queue: int = 64
     prefill_chunk: int = 512
     vision_layers_per_step: int = 8
+    compile: str = "off"  # a COMPILE_CHOICES entry; GPU only
     # --- requests ---
     default_max_tokens: int = 1024
     request_timeout: float = 600.0  # seconds from arrival to the last token; 0 = no limit
@@ -62,6 +64,8 @@ class ServerSettings:
                      "max_request_bytes", "max_image_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {COMPILE_CHOICES}, not {self.compile!r}")
         if not self.model_names:
             raise ValueError("served_model_name must name at least one model")
 
@@ -108,6 +112,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt tokens prefilled per engine step (bounds how long one prompt stalls other streams)")
     add(p, "--vision-layers-per-step", default=d.vision_layers_per_step, type=int,
         help="ViT layers of a new image encoded per engine step, between decode steps of the running streams")
+    add(p, "--compile", default=d.compile, nargs="?", const="reduce-overhead", choices=COMPILE_CHOICES,
+        help="GPU: compile the decode step per batch size before serving — 'reduce-overhead' (the flag alone: "
+        "inductor kernels replayed as CUDA graphs), 'cudagraphs' (CUDA graphs without code generation) or "
+        "'default' (inductor only); takes minutes at startup; ignored on CPU, where it is slower")
     add(p, "--default-max-tokens", default=d.default_max_tokens, type=int,
         help="completion limit when a request sends neither max_tokens nor max_completion_tokens "
         "(never more than what fits the context)")

@@ -27,6 +27,7 @@ def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
     assert card["max_model_len"] == 256 and card["device"] == "cpu" and card["vram"] is None
     assert card["weight_bytes"] == tiny_fp32.weight_bytes["total"] > 0
     assert card["demo"] is False and card["root"] == "tiny"
+    assert card["compile"] is None  # --compile off (and always off on a CPU)
 
 
 @pytest.fixture(scope="module")
