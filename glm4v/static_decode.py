@@ -5,8 +5,11 @@ shape that grows every step, and a batch that grows and shrinks as requests come
 same shapes and the same buffers at every replay, so this step:
 
 * runs a *bucket* of ``B`` rows (1, 2, 4, 8, …): a batch of 5 runs in the 8-bucket, rows 5..7 as padding;
-* attends over the whole cache row (``max_len`` entries) with a mask ``slot <= length``; GLM-4V's cache is small
-  (2 KV groups), so reading all of it costs ~1 % of the weight reads per step at 8k context;
+* attends over a *window* of the first ``L`` cache entries with a mask ``slot <= length``, ``L`` the smallest
+  multiple of ``kv_step`` (an eighth of the row, at least 256) that holds the longest running row. The window
+  length is a dynamic dimension of the compiled step: one compilation per batch bucket, one recorded CUDA graph
+  per (batch, window) pair. Reading up to ``kv_step`` unused entries per row costs little: GLM-4V's cache is
+  40 KiB per token against ~5–18 GB of weights read per step;
 * takes its per-row inputs — token, RoPE position, cache slot — as one ``(3, B)`` tensor, built on the host from
   the cache's counters (no device→host sync);
 * writes padding rows into their own next free slot (a free row's slot 0, or the slot the prompt being prefilled
@@ -39,6 +42,13 @@ COMPILE_MODES = {
 }
 
 
+def kv_windows(max_len: int, step: int | None = None) -> list[int]:
+    """Attention window lengths: multiples of ``step`` (default an eighth of ``max_len``, at least 256), then
+    ``max_len``."""
+    step = step or max(256, -(-max_len // 8 // 256) * 256)
+    return [w for w in range(step, max_len, step)] + [max_len]
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, … up to ``max_batch`` (which is always the last bucket)."""
     out, b = [], 1
@@ -51,29 +61,35 @@ def batch_buckets(max_batch: int) -> list[int]:
 class StaticDecodeStep:
     """The :class:`~glm4v.kv_cache.CacheStep` interface for one token per row of rows ``[0, B)``, fixed shapes."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor):
+    def __init__(self, cache: KVCache, slots: torch.Tensor, window: torch.Tensor):
         self.cache = cache
         self.batch = slots.shape[0]
+        self.window = window.shape[0]
         self.rows = torch.arange(self.batch, device=slots.device)
         self.slots = slots
-        # (B, 1, 1, max_len): row i sees its cached entries and the one written now.
-        self.mask = (torch.arange(cache.max_len, device=slots.device)[None, :] <= slots[:, None])[:, None, None, :]
+        # (B, 1, 1, L): row i sees its cached entries and the one written now.
+        self.mask = (window[None, :] <= slots[:, None])[:, None, None, :]
 
     def update_and_fetch(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         ck, cv = self.cache.k[layer], self.cache.v[layer]
+        # Writes go to the whole row: a padding row's next free slot may lie beyond the window.
         ck[self.rows, :, self.slots] = k[:, :, 0]
         cv[self.rows, :, self.slots] = v[:, :, 0]
-        return ck[: self.batch], cv[: self.batch], self.mask, False
+        # narrow, not [:L]: a slice would make the compiler specialize L when it equals the row length.
+        k_win = ck[: self.batch].narrow(2, 0, self.window)
+        v_win = cv[: self.batch].narrow(2, 0, self.window)
+        return k_win, v_win, self.mask, False
 
 
-def static_decode(model, cache: KVCache, inputs: torch.Tensor) -> torch.Tensor:
-    """``inputs`` (3, B) = token ids, positions, cache slots of rows ``[0, B)`` → logits (B, vocab).
+def static_decode(model, cache: KVCache, inputs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``inputs`` (3, B) = token ids, positions, cache slots of rows ``[0, B)``; ``window`` = ``arange(L)``, the
+    cache entries attended → logits (B, vocab).
 
-    Pure tensor code over fixed shapes (no host reads), so it traces into one graph.
+    Pure tensor code (no host reads), so it traces into one graph.
     """
     tokens, positions, slots = inputs[0], inputs[1], inputs[2]
     embeds = model.transformer.embedding(tokens[:, None])
-    step = StaticDecodeStep(cache, slots)
+    step = StaticDecodeStep(cache, slots, window)
     return model.forward_embeds(embeds, positions[:, None], step, logits_to_keep=1)[:, -1]
 
 
@@ -84,7 +100,8 @@ def _fresh_copy(fn):
 class DecodeGraphs:
     """The fixed-shape decode step, compiled per batch bucket (or run eagerly when ``mode`` is None)."""
 
-    def __init__(self, model, cache: KVCache, mode: str | None = None, max_batch: int | None = None):
+    def __init__(self, model, cache: KVCache, mode: str | None = None, max_batch: int | None = None,
+                 kv_step: int | None = None):
         if mode is not None and mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {sorted(COMPILE_MODES)}, not {mode!r}")
         self.model = model
@@ -92,6 +109,16 @@ class DecodeGraphs:
         self.mode = mode
         self.buckets = batch_buckets(max_batch or cache.max_batch)
         self.device = cache.k.device
+        # Compiled, the longest window stays one entry short of the row: a window as long as the row would be a
+        # contiguous view, which the compiler would specialize into a second graph. The engine allocates that
+        # spare entry (``spare_slots``); it is never filled.
+        self.windows = kv_windows(cache.max_len - self.spare_slots(mode), kv_step)
+        self._window_tensors = {}
+        for w in self.windows:
+            t = torch.arange(w, device=self.device)
+            if mode is not None:
+                torch._dynamo.mark_dynamic(t, 0)  # one graph for every window length, not one per window
+            self._window_tensors[w] = t
         self.warmup_s = 0.0
         self._fns: dict[int, object] = {}
         if mode is not None:
@@ -99,6 +126,11 @@ class DecodeGraphs:
             # neither copy it in nor skip the graph for mutating an input (transformers' StaticCache does the same).
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
+
+    @staticmethod
+    def spare_slots(mode: str | None) -> int:
+        """Cache entries to allocate beyond the context for this mode."""
+        return 0 if mode is None else 1
 
     def _fn(self, bucket: int):
         fn = self._fns.get(bucket)
@@ -113,6 +145,12 @@ class DecodeGraphs:
                                    **COMPILE_MODES[self.mode])
             self._fns[bucket] = fn
         return fn
+
+    def window_for(self, entries: int) -> int:
+        for w in self.windows:
+            if w >= entries:
+                return w
+        raise ValueError(f"a sequence would need {entries} cache entries; the decode graphs hold {self.windows[-1]}")
 
     def bucket_for(self, batch: int) -> int:
         for b in self.buckets:
@@ -133,9 +171,10 @@ class DecodeGraphs:
             raise RuntimeError("warm up the decode graphs before any sequence is in the cache")
         for b in self.buckets:
             inputs = torch.zeros(3, b, dtype=torch.long, device=self.device)
-            for _ in range(iterations):
-                self._fn(b)(self.model, self.cache, inputs)
-            log.debug("decode graph for batch %d ready", b)
+            for w in self.windows:  # every shape serving can meet: nothing is compiled or recorded later
+                for _ in range(iterations):
+                    self._fn(b)(self.model, self.cache, inputs, self._window_tensors[w])
+            log.debug("decode graphs for batch %d ready", b)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - t0
@@ -151,11 +190,10 @@ class DecodeGraphs:
         b = self.bucket_for(n)
         last = cache.max_len - 1
         slots = [min(cache.lengths[i], last) for i in range(b)]
-        if any(cache.lengths[i] > last for i in range(n)):
-            raise ValueError(f"a sequence would need more than the cache's {cache.max_len} entries")
+        window = self.window_for(max(cache.lengths[:n]) + 1)
         positions = cache.next_positions[:n] + [0] * (b - n)
         inputs = torch.tensor([tokens + [0] * (b - n), positions, slots], dtype=torch.long).to(self.device)
-        logits = self._fn(b)(self.model, cache, inputs)[:n]
+        logits = self._fn(b)(self.model, cache, inputs, self._window_tensors[window])[:n]
         for i in range(n):
             cache.lengths[i] += 1
             cache.next_positions[i] += 1

@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": ("profiling.eval_cli", "measure quality per precision against a reference precision"),
     "report": ("profiling.report_cli", "join profile and eval results into the memory-versus-quality table"),
     "bench-serve": ("profiling.bench_serve", "load-test any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
+    "bench-decode": ("profiling.bench_decode", "time the decode step alone: ordinary, fixed-shape and --compile"),
 }
 
 

@@ -191,7 +191,8 @@ class Engine:
         # no torch math.
         torch.set_grad_enabled(False)
         try:
-            self.cache = self.model.new_cache(max_len=self.max_model_len, max_batch=self.max_batch_size)
+            spare = DecodeGraphs.spare_slots(None if self.decode_graphs in (None, "static") else self.decode_graphs)
+            self.cache = self.model.new_cache(max_len=self.max_model_len + spare, max_batch=self.max_batch_size)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # CPU allocators raise RuntimeError, CUDA OutOfMemory
             self._start_error = MemoryError(
                 f"the KV cache for {self.max_batch_size} sequences × {self.max_model_len} tokens "

@@ -14,7 +14,7 @@ from PIL import Image
 
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.generate import generate_text
-from glm4v.static_decode import COMPILE_MODES, DecodeGraphs, batch_buckets
+from glm4v.static_decode import COMPILE_MODES, DecodeGraphs, batch_buckets, kv_windows
 from server.engine import Engine
 from server.requests import GenerationRequest
 from server.runtime import compile_mode
@@ -33,25 +33,62 @@ def test_batch_buckets():
     assert batch_buckets(6) == [1, 2, 4, 6]
 
 
+def test_kv_windows():
+    assert kv_windows(8192) == [1024 * i for i in range(1, 9)]
+    assert kv_windows(2047) == [256 * i for i in range(1, 8)] + [2047]
+    assert kv_windows(100) == [100]
+    assert kv_windows(48, 16) == [16, 32, 48]
+
+
 @pytest.mark.parametrize("mode", [None, "aot_eager"])
 def test_static_decode_equals_dynamic_decode(tiny_fp32, mode):
-    """Rows at different lengths, a batch padded up to its bucket: same logits as the ordinary decode step."""
+    """Rows at different lengths, a batch padded up to its bucket, windows crossed while decoding: same logits as
+    the ordinary decode step."""
     model = tiny_fp32.model
-    prompts = [list(range(5, 5 + n)) for n in (7, 19, 3)]
-    caches = [model.new_cache(max_len=48, max_batch=4) for _ in range(2)]
-    graphs = DecodeGraphs(model, caches[1], mode)
+    prompts = [list(range(5, 5 + n)) for n in (7, 13, 3)]
+    ref = model.new_cache(max_len=48, max_batch=4)
+    cache = model.new_cache(max_len=48 + DecodeGraphs.spare_slots(mode), max_batch=4)
+    graphs = DecodeGraphs(model, cache, mode, kv_step=16)
+    assert graphs.windows == [16, 32, 48]
     graphs.warmup(iterations=1)
     with torch.inference_mode():
         toks = None
-        for cache in caches:
-            last = [model(torch.tensor([p]), cache=cache, cache_row=r).logits[0, -1] for r, p in enumerate(prompts)]
+        for c in (ref, cache):
+            last = [model(torch.tensor([p]), cache=c, cache_row=r).logits[0, -1] for r, p in enumerate(prompts)]
             toks = [int(x.argmax()) for x in last]
-        for _ in range(5):
-            want = model(torch.tensor(toks)[:, None], cache=caches[0], cache_row=0).logits[:, -1]
+        for _ in range(22):  # the longest row goes from 13 to 35 entries: windows 16, 32 and 48
+            want = model(torch.tensor(toks)[:, None], cache=ref, cache_row=0).logits[:, -1]
             got = graphs.decode(toks)  # 3 rows run in the 4-bucket
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             toks = want.argmax(-1).tolist()
-    assert caches[1].lengths == caches[0].lengths and caches[1].next_positions == caches[0].next_positions
+    assert cache.lengths == ref.lengths and cache.next_positions == ref.next_positions
+
+
+def test_one_compilation_per_batch_bucket(tiny_fp32, monkeypatch):
+    """The window length is dynamic: warming up 3 buckets × 4 windows compiles 3 graphs, and serving none."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return make_boxed_func(gm.forward)
+
+    monkeypatch.setitem(COMPILE_MODES, "counting", dict(backend=aot_autograd(fw_compiler=counting)))
+    model = tiny_fp32.model
+    cache = model.new_cache(max_len=65, max_batch=4)
+    graphs = DecodeGraphs(model, cache, "counting", kv_step=16)
+    assert graphs.buckets == [1, 2, 4] and graphs.windows == [16, 32, 48, 64]
+    graphs.warmup(iterations=2)
+    assert len(compiled) == 3
+    with torch.inference_mode():
+        model(torch.tensor([list(range(5, 40))] * 3), cache=cache, cache_row=0)
+        toks = [1, 2, 3]
+        for _ in range(20):  # windows 48 and 64, batch 3 in the 4-bucket
+            toks = graphs.decode(toks).argmax(-1).tolist()
+        graphs.decode([1])
+    assert len(compiled) == 3
 
 
 def test_padding_rows_leave_a_prefilling_row_intact(tiny_fp32):
@@ -74,7 +111,7 @@ def test_padding_rows_leave_a_prefilling_row_intact(tiny_fp32):
 def test_quantized_decode_step_traces_without_graph_breaks(load_tiny, precision):
     """bitsandbytes layers inside the compiled step: fullgraph tracing works and the tokens do not change."""
     model = load_tiny(precision).model
-    caches = [model.new_cache(max_len=32, max_batch=2) for _ in range(2)]
+    caches = [model.new_cache(max_len=32 + extra, max_batch=2) for extra in (0, 1)]
     eager, traced = DecodeGraphs(model, caches[0]), DecodeGraphs(model, caches[1], "aot_eager")
     traced.warmup(iterations=1)
     with torch.inference_mode():
