@@ -107,7 +107,7 @@ def test_padding_rows_leave_a_prefilling_row_intact(tiny_fp32):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["nf4", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "int8"])
 def test_quantized_decode_step_traces_without_graph_breaks(load_tiny, precision):
     """bitsandbytes layers inside the compiled step: fullgraph tracing works and the tokens do not change."""
     model = load_tiny(precision).model
