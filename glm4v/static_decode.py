@@ -146,6 +146,12 @@ class DecodeGraphs:
             self._fns[bucket] = fn
         return fn
 
+    def _step_begin(self) -> None:
+        # Each call is a new inference step: CUDA-graph trees may then reuse the previous step's output memory
+        # (the engine has read the logits by then), instead of checking whether they are still alive.
+        if self.mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def window_for(self, entries: int) -> int:
         for w in self.windows:
             if w >= entries:
@@ -173,6 +179,7 @@ class DecodeGraphs:
             inputs = torch.zeros(3, b, dtype=torch.long, device=self.device)
             for w in self.windows:  # every shape serving can meet: nothing is compiled or recorded later
                 for _ in range(iterations):
+                    self._step_begin()
                     self._fn(b)(self.model, self.cache, inputs, self._window_tensors[w])
             log.debug("decode graphs for batch %d ready", b)
         if self.device.type == "cuda":
@@ -193,6 +200,7 @@ class DecodeGraphs:
         window = self.window_for(max(cache.lengths[:n]) + 1)
         positions = cache.next_positions[:n] + [0] * (b - n)
         inputs = torch.tensor([tokens + [0] * (b - n), positions, slots], dtype=torch.long).to(self.device)
+        self._step_begin()
         logits = self._fn(b)(self.model, cache, inputs, self._window_tensors[window])[:n]
         for i in range(n):
             cache.lengths[i] += 1

@@ -71,8 +71,11 @@ def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | N
     from quant.estimate import max_context_that_fits, serving_context
 
     spec = lm.spec
+    # --compile keeps CUDA-graph memory pools and compiled-kernel workspaces beside the cache: an allowance of
+    # 512 MiB on top of the usual headroom (an estimate — decode activations are small — not a measurement).
+    headroom = (512 + (512 if s.compile != "off" and lm.device.type == "cuda" else 0)) * 2**20
     fits = max_context_that_fits(free_bytes, lm.config, s.max_batch_size, spec.precision, spec.vision_precision,
-                                 lm.vision_size, prefill_tokens=s.prefill_chunk,
+                                 lm.vision_size, prefill_tokens=s.prefill_chunk, headroom_bytes=headroom,
                                  compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"))
     need = lm.image_tokens() + 256
     if fits < need:

@@ -174,5 +174,13 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
     assert choose_max_model_len(lm, s, free_bytes=10 * 2**30) == lm.config.seq_length  # capped
     assert choose_max_model_len(lm, replace(s, max_model_len=300), free_bytes=1) == 300  # explicit wins
     assert choose_max_model_len(lm, s) == lm.config.seq_length  # CPU: the checkpoint's context
+    import torch
+
+    # On a GPU, --compile leaves another 512 MiB for CUDA-graph pools (a CPU ignores --compile).
+    gpu, compiled = replace(lm, device=torch.device("cuda", 0)), replace(s, compile="reduce-overhead")
+    assert choose_max_model_len(gpu, compiled, free_bytes=free + 512 * 2**20) == 768
+    assert choose_max_model_len(lm, compiled, free_bytes=free) == 768
+    with pytest.raises(MemoryError):
+        choose_max_model_len(gpu, compiled, free_bytes=free)
     with pytest.raises(MemoryError, match="lower --max-batch-size"):
         choose_max_model_len(lm, s, free_bytes=activation.activation_peak_bytes)
