@@ -11,6 +11,9 @@ most ``vision_layers_per_step`` ViT layers of its image (default 8 of GLM-4V's 6
 entries (default 512). The image is encoded layer group by layer group, the spliced prompt chunk by chunk, with a
 decode step for the running sequences after each unit.
 
+With ``decode_graphs`` (``serve --compile``) the decode step is the fixed-shape one of :mod:`glm4v.static_decode`,
+compiled per batch bucket when the engine starts; prefill is always the ordinary forward.
+
 The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
 whoever submitted them (see :mod:`server.requests`) — an asyncio consumer (the server) or a plain thread.
 """

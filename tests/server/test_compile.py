@@ -40,7 +40,7 @@ def test_kv_windows():
     assert kv_windows(48, 16) == [16, 32, 48]
 
 
-@pytest.mark.parametrize("mode", [None, "aot_eager"])
+@pytest.mark.parametrize("mode", [None, "aot_eager", "cudagraphs"])  # on a CPU, cudagraphs only traces
 def test_static_decode_equals_dynamic_decode(tiny_fp32, mode):
     """Rows at different lengths, a batch padded up to its bucket, windows crossed while decoding: same logits as
     the ordinary decode step."""
