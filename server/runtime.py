@@ -200,6 +200,12 @@ class Runtime:
             raise ServiceUnavailable("the server is shutting down", code="shutting_down")
         raise ServiceUnavailable("the model failed to load; see the server log", code="model_load_failed")
 
+    def _compile_ignored(self) -> dict | None:
+        if self.settings.compile == "off":
+            return None
+        return {"mode": self.settings.compile, "active": False, "batch_buckets": [], "warmup_s": None,
+                "error": f"ignored on {self.loaded.device.type}: the compiled decode step is slower there"}
+
     @property
     def system_fingerprint(self) -> str:
         label = self.loaded.spec.label() if self.loaded else self.settings.precision
@@ -229,7 +235,7 @@ class Runtime:
             "vram": vram_snapshot(lm.device),
             "max_batch_size": eng.max_batch_size,
             "max_queue": eng.max_queue,
-            "compile": eng.compile_status(),
+            "compile": eng.compile_status() or self._compile_ignored(),
             "notes": d["notes"],
             "demo": self.demo,
         }

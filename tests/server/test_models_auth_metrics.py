@@ -32,8 +32,8 @@ def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
 
 @pytest.fixture(scope="module")
 def nf4_keyed(base_settings, load_tiny):
-    with serve(replace(base_settings, api_key="s3cret-key", served_model_name="glm-4v-9b, glm4v"),
-               load_tiny("nf4")) as s:
+    with serve(replace(base_settings, api_key="s3cret-key", served_model_name="glm-4v-9b, glm4v",
+                       compile="reduce-overhead"), load_tiny("nf4")) as s:
         yield s
 
 
@@ -46,6 +46,8 @@ def test_nf4_model_says_nf4_with_real_bitsandbytes_layers(nf4_keyed):
     assert q["compute_dtype"] in ("bfloat16", "float32", "float16")
     assert set(card["layers"]["language_model"]) == {"Linear4bit"}  # real bnb modules, not a label
     assert card["layers"]["lm_head"] == {"Linear": 1}
+    assert card["compile"]["mode"] == "reduce-overhead" and card["compile"]["active"] is False  # on a CPU
+    assert card["compile"]["error"].startswith("ignored on cpu")
     # and generation runs through them, image included
     r = nf4_keyed.client("s3cret-key").chat.completions.create(
         model="glm4v", messages=[user_with_image(data_url(png_bytes()))], max_tokens=4)
