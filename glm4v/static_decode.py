@@ -49,6 +49,25 @@ def kv_windows(max_len: int, step: int | None = None) -> list[int]:
     return [w for w in range(step, max_len, step)] + [max_len]
 
 
+def quantization_state_tensors(model):
+    """The bitsandbytes tensors that live beside the weights rather than as parameters (4-bit absmax/code, nested
+    statistics; int8 row scales). The compiled step reads them as inputs; unless marked static, a CUDA graph would
+    copy them — hundreds of MB for the full model — into its own buffers at every replay."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        while state is not None:  # QuantState, then its nested state2
+            for name in ("absmax", "code", "offset"):
+                t = getattr(state, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
+            state = getattr(state, "state2", None)
+        for name in ("CB", "SCB"):  # Int8Params
+            t = getattr(weight, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, … up to ``max_batch`` (which is always the last bucket)."""
     out, b = [], 1
@@ -126,6 +145,8 @@ class DecodeGraphs:
             # neither copy it in nor skip the graph for mutating an input (transformers' StaticCache does the same).
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
+            for t in quantization_state_tensors(model):
+                torch._dynamo.mark_static_address(t)
 
     @staticmethod
     def spare_slots(mode: str | None) -> int:

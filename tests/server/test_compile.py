@@ -186,3 +186,17 @@ def test_compile_flag_and_cpu_policy(caplog):
     with caplog.at_level(logging.WARNING, logger="server.runtime"):
         assert compile_mode("reduce-overhead", torch.device("cpu")) is None
     assert "ignored on cpu" in caplog.text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "nf4", "int8"])
+def test_quantization_state_is_found_for_static_marking(load_tiny, precision):
+    """Every quantized layer's statistics (4-bit absmax, int8 row scales) are among the tensors marked static."""
+    from glm4v.static_decode import quantization_state_tensors
+
+    model = load_tiny(precision).model
+    found = {id(t) for t in quantization_state_tensors(model)}
+    weights = [getattr(m, "weight", None) for m in model.modules()]
+    stats = [w.quant_state.absmax for w in weights if getattr(w, "quant_state", None) is not None]
+    stats += [w.SCB for w in weights if getattr(w, "SCB", None) is not None]
+    assert all(id(t) in found for t in stats)
+    assert (len(stats) > 0) == (precision != "fp32") and (len(found) > 0) == (precision != "fp32")
