@@ -62,10 +62,12 @@ def quantization_state_tensors(model):
                 if isinstance(t, torch.Tensor):
                     yield t
             state = getattr(state, "state2", None)
-        for name in ("CB", "SCB"):  # Int8Params
-            t = getattr(weight, name, None)
-            if isinstance(t, torch.Tensor):
-                yield t
+        # Int8Params holds CB/SCB until the layer's first forward moves them to the layer's MatmulLtState.
+        for holder in (weight, getattr(module, "state", None)):
+            for name in ("CB", "SCB"):
+                t = getattr(holder, name, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
 
 
 def batch_buckets(max_batch: int) -> list[int]:

@@ -194,9 +194,13 @@ def test_quantization_state_is_found_for_static_marking(load_tiny, precision):
     from glm4v.static_decode import quantization_state_tensors
 
     model = load_tiny(precision).model
+    with torch.inference_mode():  # a forward first: bitsandbytes moves int8 scales on the first one
+        model(torch.tensor([[5, 6, 7]]))
     found = {id(t) for t in quantization_state_tensors(model)}
     weights = [getattr(m, "weight", None) for m in model.modules()]
     stats = [w.quant_state.absmax for w in weights if getattr(w, "quant_state", None) is not None]
     stats += [w.SCB for w in weights if getattr(w, "SCB", None) is not None]
+    states = [getattr(m, "state", None) for m in model.modules()]  # int8 after its first forward
+    stats += [st.SCB for st in states if getattr(st, "SCB", None) is not None]
     assert all(id(t) in found for t in stats)
     assert (len(stats) > 0) == (precision != "fp32") and (len(found) > 0) == (precision != "fp32")
