@@ -84,7 +84,14 @@ def time_mode(lm, mode: str, batches: list[int], context: int, max_len: int, ste
             rows.append({"batch": b, "step_ms_p50": step * 1e3, "step_ms_mean": sum(times) / len(times) * 1e3,
                          "tokens_per_s": b / step})
             log.info("%s batch %d: %.2f ms/step, %.1f tok/s", mode, b, step * 1e3, b / step)
-    del graphs, cache
+    del graphs, cache, logits
+    if mode not in ("off", "static"):
+        import gc
+
+        torch._dynamo.reset()  # drops the compiled code and its CUDA graphs' memory pools before the next mode
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"mode": mode, "compile_s": compile_s, "batches": rows}
 
 
