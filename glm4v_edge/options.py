@@ -39,6 +39,9 @@ def add(parser: argparse.ArgumentParser, flag: str, *, env: bool = True, default
                 default = type(raw) if type is not None else raw
             except (TypeError, ValueError) as e:
                 raise SystemExit(f"environment variable {name}={raw!r} is invalid: {e}") from None
+            if "choices" in kw and default not in kw["choices"]:
+                allowed = ", ".join(map(str, kw["choices"]))
+                raise SystemExit(f"environment variable {name}={raw!r} is invalid: choose from {allowed}")
     shown = "" if default in (None, False, "") else f" (default: {default})"
     env_note = f" [env: {name}]" if env else ""
     if kw.get("action") == "store_true":

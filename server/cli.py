@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import create_app
 
-    settings = ServerSettings.from_args(args)
+    try:
+        settings = ServerSettings.from_args(args)
+    except ValueError as e:  # e.g. --max-queue 0
+        log.error("%s", e)
+        return 2
     if settings.allowed_local_media_path and not Path(settings.allowed_local_media_path).is_dir():
         log.error("--allowed-local-media-path %s is not a folder", settings.allowed_local_media_path)
         return 2

@@ -43,6 +43,23 @@ def test_flags_env_and_defaults(monkeypatch):
     assert parse(["--max-queue", "3"]).max_queue == 3  # the flag beats the variable
 
 
+def test_bad_environment_values_and_settings_are_clear_errors(monkeypatch, caplog):
+    import pytest
+
+    from server.cli import run
+
+    monkeypatch.setenv("GLM4V_COMPILE", "fast")
+    with pytest.raises(SystemExit, match="GLM4V_COMPILE='fast' is invalid: choose from off, reduce-overhead"):
+        parse([])
+    monkeypatch.setenv("GLM4V_COMPILE", "cudagraphs")
+    assert parse([]).compile == "cudagraphs" and parse(["--compile"]).compile == "reduce-overhead"
+    monkeypatch.delenv("GLM4V_COMPILE")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--max-queue", "0"])) == 2  # refused before anything loads
+    assert "max_queue must be at least 1" in caplog.text
+
+
 def test_every_setting_has_a_flag_with_an_env_variable():
     p = argparse.ArgumentParser()
     add_arguments(p)
