@@ -161,7 +161,7 @@ class DecodeGraphs:
             if self.mode is None:
                 fn = static_decode
             else:
-                # One compiled function per bucket, each with its own fixed shapes. Dynamo keeps compiled graphs per
+                # One compiled function per bucket (its batch size fixed, its window dynamic). Dynamo keeps graphs per
                 # code object, so each gets a copy of static_decode's: its graphs then never compete with another
                 # bucket's (or another engine's) for the recompile limit, and its guards never fail while serving.
                 fn = torch.compile(_fresh_copy(static_decode), fullgraph=True, dynamic=False,
@@ -195,8 +195,7 @@ class DecodeGraphs:
         prefill of that row.
         """
         t0 = time.perf_counter()
-        lengths = list(self.cache.lengths)
-        if any(lengths):
+        if any(self.cache.lengths):
             raise RuntimeError("warm up the decode graphs before any sequence is in the cache")
         for b in self.buckets:
             inputs = torch.zeros(3, b, dtype=torch.long, device=self.device)
