@@ -126,6 +126,9 @@ def run(args) -> int:
     if not batches or min(batches) < 1:
         print("error: --batch needs positive integers, e.g. 1,8", file=sys.stderr)
         return 2
+    if args.steps < 1 or args.warmup < 0 or args.context < 0:
+        print("error: --steps must be at least 1, --warmup and --context at least 0", file=sys.stderr)
+        return 2
     max_len = args.max_model_len or -(-(args.context + args.warmup + args.steps + 1) // 256) * 256
     if args.context + args.warmup + args.steps >= max_len:
         print(f"error: --max-model-len {max_len} has no room for --context + --warmup + --steps", file=sys.stderr)

@@ -27,5 +27,6 @@ def test_bench_decode_refuses_bad_input(tmp_path, capsys):
     assert main(["bench-decode", "--modes", "off,turbo", "--out", str(tmp_path)]) == 2
     assert "--modes takes" in capsys.readouterr().err
     assert main(["bench-decode", "--batch", "0", "--out", str(tmp_path)]) == 2
+    assert main(["bench-decode", "--steps", "0", "--out", str(tmp_path)]) == 2
     assert main(["bench-decode", "--context", "300", "--max-model-len", "256", "--out", str(tmp_path)]) == 2
     assert "no room" in capsys.readouterr().err
