@@ -109,6 +109,16 @@ class LoadedModel:
         return d
 
 
+def resolve_request(config, device, vision_size, **spec_args) -> tuple[torch.device, PrecisionSpec, int]:
+    """What :func:`load` and :func:`quant.synthetic.build` both settle first: the device, the precision spec for it,
+    and a valid vision size (default: the checkpoint's own)."""
+    device = resolve_device(device)
+    spec = PrecisionSpec(**spec_args).resolve(device)
+    vision_size = vision_size or config.vision.image_size
+    check_vision_size(vision_size, config.vision.image_size)
+    return device, spec, vision_size
+
+
 def load(
     model_dir: str | Path,
     precision: str = "bf16",
@@ -126,19 +136,11 @@ def load(
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    device = resolve_device(device)
     info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
-    spec = PrecisionSpec(
-        precision=precision,
-        vision_precision=vision_precision,
-        compute_dtype=compute_dtype,
-        double_quant=double_quant,
-        quantize_lm_head=quantize_lm_head,
-    ).resolve(device)
-
+    device, spec, vision_size = resolve_request(
+        info.config, device, vision_size, precision=precision, vision_precision=vision_precision,
+        compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
     vc = info.config.vision
-    vision_size = vision_size or vc.image_size
-    check_vision_size(vision_size, vc.image_size)
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
     quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)

@@ -28,7 +28,7 @@ from glm4v.checkpoint import CheckpointInfo, expected_shapes, load_config
 from glm4v.tokenizer import SPECIAL_TOKENS
 
 from .bnb import fix_cpu_4bit_layers, quantized_linear
-from .loader import LoadedModel, check_vision_size, resolve_device
+from .loader import LoadedModel, resolve_request
 from .memory import weight_bytes
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec
 
@@ -114,14 +114,10 @@ def build(
     name = config if isinstance(config, str) else "config"
     if isinstance(config, str):
         config = synthetic_config(config)
-    device = resolve_device(device)
-    spec = PrecisionSpec(
-        precision=precision, vision_precision=vision_precision, compute_dtype=compute_dtype,
-        double_quant=double_quant, quantize_lm_head=quantize_lm_head,
-    ).resolve(device)
+    device, spec, vision_size = resolve_request(
+        config, device, vision_size, precision=precision, vision_precision=vision_precision,
+        compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
     vc = config.vision
-    vision_size = vision_size or vc.image_size
-    check_vision_size(vision_size, vc.image_size)
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # shapes only: no memory, no init cost
