@@ -74,6 +74,9 @@ class GLM4Tokenizer:
             name="glm4", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
         self.n_ranks = len(ranks)
+        # The most bytes one token covers (512 in GLM-4's vocabulary: a run of spaces): any text of C characters
+        # needs at least C / max_token_bytes tokens, a bound the server checks before tokenizing anything.
+        self.max_token_bytes = max(map(len, ranks), default=1)
         self.image_size = image_size
 
     @classmethod

@@ -1,4 +1,5 @@
-"""The FastAPI app: routes, the API-key dependency, body-size and status-metric middleware, startup and shutdown.
+"""The FastAPI app: routes, the API-key dependency, the request guards (:mod:`server.http_guards`), startup and
+shutdown.
 
 ``create_app(settings, loaded=None)`` is all a caller needs. ``loaded`` may be a ``LoadedModel`` (tests, embedding),
 a zero-argument callable returning one (run in the loading thread), or None to load what ``settings`` names.
@@ -16,12 +17,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from glm4v_edge import __version__
 from quant import LoadedModel
 
 from . import chat
-from .errors import ModelNotFound, PayloadTooLarge, Unauthorized, install_error_handlers
+from .errors import ModelNotFound, QueueFull, RequestTimeout, Unauthorized, install_error_handlers
+from .http_guards import BodyLimits, HostCheck, JsonOnly, NormalizePath
 from .metrics import Metrics
 from .protocol import parse_chat_request
 from .runtime import Loader, Runtime
@@ -30,34 +33,30 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
-class BodySizeLimit:
-    """413 for bodies over the limit: at once from Content-Length, or as soon as a chunked body passes it."""
+class PreparationSlots:
+    """At most ``slots`` requests are read, parsed and preprocessed at once — their bodies, decoded images and
+    token ids are the memory a burst of large requests costs — and at most ``max_waiting`` wait for a slot (their
+    bodies still unread, held back by TCP flow control); one more is a 429. Preparation is admission, too."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, slots: int, max_waiting: int):
+        self._sem = asyncio.Semaphore(slots)
+        self.max_waiting = max_waiting
+        self.waiting = 0
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large().response()(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._too_large()
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes:,} bytes "
-                               "(--max-request-bytes)")
+    @asynccontextmanager
+    async def hold(self):
+        if self._sem.locked() and self.waiting >= self.max_waiting:
+            raise QueueFull(f"the server is busy: {self.waiting} requests are waiting to be read; retry in 1 s",
+                            headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._sem.release()
 
 
 class StatusMetrics:
@@ -89,8 +88,10 @@ def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = N
         yield
         await asyncio.to_thread(runtime.close)
 
+    # redirect_slashes=False: NormalizePath answers "/v1/chat/completions/" directly, where Starlette would
+    # redirect to a Location built from the client's Host header.
     app = FastAPI(title="glm4v-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, redirect_slashes=False)
     app.state.runtime = runtime
     install_error_handlers(app)
 
@@ -103,6 +104,7 @@ def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = N
             raise Unauthorized()
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    slots = PreparationSlots(settings.max_preparing, settings.max_queue)
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
@@ -119,18 +121,30 @@ def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = N
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        arrived = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         runtime.require_ready()
-        body = await request.body()
-        # json + pydantic on a body of up to --max-request-bytes (base64 images) would stall every stream: off-loop
-        req = await asyncio.get_running_loop().run_in_executor(runtime.pool, parse_chat_request, body)
-        prepared = await chat.prepare(req, runtime)
+        timeout = settings.request_timeout or None  # covers the upload and the preparation, too
+        async with slots.hold():
+            try:
+                async with asyncio.timeout(None if timeout is None else arrived + timeout - loop.time()):
+                    body = await request.body()
+                    # json + pydantic on a large body and the prompt's preparation are CPU work: off the loop
+                    req = await loop.run_in_executor(runtime.pool, parse_chat_request, body,
+                                                     runtime.max_prompt_chars)
+                    prepared = await chat.prepare(req, runtime)
+            except ClientDisconnect:
+                log.info("client disconnected while sending its request (499)")
+                return Response(status_code=chat.CLIENT_CLOSED)
+            except TimeoutError:
+                raise RequestTimeout(f"the request was not read and prepared within the server's limit of "
+                                     f"{settings.request_timeout:g} s (--request-timeout)") from None
         handler = chat.stream if prepared.stream else chat.complete
         return await handler(prepared, runtime, request, arrived)
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors use HEAD
     async def health() -> JSONResponse:
         runtime.require_ready()
         lm = runtime.loaded
@@ -144,10 +158,16 @@ def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = N
                               runtime.loaded.device if runtime.loaded else None)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    # Added inner to outer: a 413 from the size limit is still counted, and CORS wraps everything.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Added inner to outer: a 413/408 from the body limits is still counted by StatusMetrics; paths are
+    # normalised before anything looks at them.
+    app.add_middleware(BodyLimits, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout)
     app.add_middleware(StatusMetrics, metrics=metrics)
+    if not settings.api_key:
+        app.add_middleware(JsonOnly)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["*"],
                            allow_headers=["*"])
+    if settings.checks_host:
+        app.add_middleware(HostCheck, allowed=settings.allowed_host_list)
+    app.add_middleware(NormalizePath)
     return app

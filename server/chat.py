@@ -106,8 +106,8 @@ def _completion_budget(req: ChatCompletionRequest, prompt_tokens: int, max_model
 async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
     model = resolve_model(req.model, rt.settings.model_names)
     unsupported_features(req)
-    conv = build_conversation(req.messages, rt.settings.multi_image)
     lm, loop = rt.loaded, asyncio.get_running_loop()
+    conv = await loop.run_in_executor(rt.pool, build_conversation, req.messages, rt.settings.multi_image)
     pixel_values = None
     if conv.image is not None:
         size = rt.low_detail_size if conv.image.detail == "low" else lm.vision_size

@@ -32,6 +32,9 @@ def startup_warnings(settings: ServerSettings) -> list[str]:
         warnings.append(NO_KEY_WARNING % settings.host)
     if settings.allow_private_urls:
         warnings.append("--allow-private-urls: image URLs may reach private services on this machine and network")
+    if settings.allowed_host_list == ["*"] and not settings.api_key:
+        warnings.append("--allowed-hosts '*' without --api-key: web pages can reach this server through DNS "
+                        "rebinding")
     if settings.cors_origin_list == ["*"] and not settings.api_key:
         warnings.append("--cors-origins '*' without --api-key: any web page the user opens can use the model")
     return warnings
@@ -65,7 +68,16 @@ def make_server(settings: ServerSettings, app):
                 self.force_exit = True
             self.should_exit = True
 
+    from .connections import connection_cap, protocol, raise_open_file_limit, rate_limit_accept_errors
+
+    open_files = raise_open_file_limit()
+    max_connections = connection_cap(settings.max_connections, open_files)
+    if max_connections < settings.max_connections:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %s (raise it with ulimit -n)",
+                    settings.max_connections, max_connections, open_files)
+    rate_limit_accept_errors()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            http=protocol(settings.header_timeout, max_connections),
                             timeout_graceful_shutdown=settings.shutdown_timeout + 5)
     server = GracefulServer(config)
     runtime.on_failure = lambda: setattr(server, "should_exit", True)

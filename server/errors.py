@@ -56,6 +56,10 @@ class Unauthorized(APIError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(APIError):
+    status, type, code = 403, "invalid_request_error", "forbidden"
+
+
 class NotFound(APIError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
@@ -66,6 +70,19 @@ class ModelNotFound(NotFound):
 
 class PayloadTooLarge(APIError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class BodyTimeout(APIError):
+    """408: the body did not arrive within --body-timeout (a slow or stalled upload). Not retried by the SDK."""
+
+    status, type, code = 408, "invalid_request_error", "body_timeout"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"x-should-retry": "false", "Connection": "close"})
+
+
+class UnsupportedMediaType(APIError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
 
 
 class QueueFull(APIError):

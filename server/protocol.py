@@ -13,9 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import BadRequest, validation_message
+from .errors import BadRequest, ContextLengthExceeded, validation_message
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
+# Checked on the raw JSON before pydantic sees it: validating a million empty messages holds the GIL for seconds.
+MAX_MESSAGES = 4096
+MAX_PARTS_PER_MESSAGE = 64
 
 
 class _Lenient(BaseModel):
@@ -51,7 +54,7 @@ class ChatCompletionRequest(_Lenient):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 = greedy (Dify's slider minimum; OpenAI accepts it)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -85,16 +88,48 @@ class ChatCompletionRequest(_Lenient):
         return self.max_completion_tokens or self.max_tokens
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_size(data: dict, max_text_chars: int | None) -> None:
+    """Bounds on the raw JSON, cheap enough to run before validation: message and part counts, and the characters
+    of text against what the context could hold at all (a token covers at most so many characters)."""
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return  # validation says what is wrong
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"messages holds {len(messages):,} messages; at most {MAX_MESSAGES:,} are accepted",
+                         param="messages")
+    chars = 0
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            if len(content) > MAX_PARTS_PER_MESSAGE:
+                raise BadRequest(f"messages.{i}.content holds {len(content):,} parts; at most "
+                                 f"{MAX_PARTS_PER_MESSAGE} are accepted", param=f"messages.{i}.content")
+            chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if max_text_chars is not None and chars > max_text_chars:
+        raise ContextLengthExceeded(
+            f"the messages hold {chars:,} characters of text, more than the model's context could hold "
+            f"(at most {max_text_chars:,} characters); please shorten them", param="messages")
+
+
+def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
     """Raw body → request model; malformed JSON and schema problems become 400s that say what is wrong."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+    except ValueError as e:  # NaN/Infinity, or an integer past Python's 4300-digit conversion limit
+        raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    check_size(data, max_text_chars)
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as e:

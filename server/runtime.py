@@ -207,6 +207,12 @@ class Runtime:
                 "error": f"ignored on {self.loaded.device.type}: the compiled decode step is slower there"}
 
     @property
+    def max_prompt_chars(self) -> int:
+        """Characters of message text that could still fit the context: a token covers at most
+        ``max_token_bytes`` bytes (so characters), so more text than this cannot fit — refused before tokenizing."""
+        return self.engine.max_model_len * self.loaded.tokenizer.max_token_bytes
+
+    @property
     def system_fingerprint(self) -> str:
         label = self.loaded.spec.label() if self.loaded else self.settings.precision
         return f"glm4v-edge-{__version__}-{label}"

@@ -35,6 +35,10 @@ class ServerSettings:
     api_key: str | None = None
     served_model_name: str = "glm-4v-9b"  # comma-separated aliases; the first is the primary id
     cors_origins: str = ""  # comma-separated; "" = no CORS headers, "*" = any origin
+    allowed_hosts: str = ""  # comma-separated Host names; "" = loopback names only when key-less on loopback
+    max_connections: int = 128  # open HTTP connections; more are answered 503 and closed
+    header_timeout: float = 10.0  # seconds to send a request's headers (slowloris)
+    body_timeout: float = 60.0  # seconds to send a request's body once its headers arrived
     # --- the engine ---
     max_batch_size: int = 8
     max_model_len: int | None = None  # None = the checkpoint's seq_length
@@ -44,30 +48,40 @@ class ServerSettings:
     compile: str = "off"  # a COMPILE_CHOICES entry; GPU only
     # --- requests ---
     default_max_tokens: int = 1024
-    request_timeout: float = 600.0  # seconds from arrival to the last token; 0 = no limit
+    request_timeout: float = 600.0  # seconds from arrival to the last token (upload included); 0 = no limit
     shutdown_timeout: float = 30.0
-    max_request_bytes: int = 32 * MIB
+    max_request_bytes: int = 24 * MIB  # one --max-image-bytes image in base64 (21.3 MiB) and text to spare
+    max_preparing: int = 8  # requests read, parsed and preprocessed at once; the rest wait (or 429)
     # --- images ---
     low_detail_size: int = 448
     multi_image: str = "reject"
-    max_image_bytes: int = 20 * MIB
-    max_image_pixels: int = 50_000_000
+    max_image_bytes: int = 16 * MIB
+    max_image_pixels: int = 4096 * 4096  # 16.8 MP: a 12 MP photo passes; the model sees 1120² anyway
     image_fetch_timeout: float = 10.0
     image_max_redirects: int = 3
     allow_private_urls: bool = False
     allowed_local_media_path: str | None = None
 
     def __post_init__(self) -> None:
+        if self.api_key is not None:
+            if not self.api_key.strip():
+                raise ValueError("the API key (--api-key / GLM4V_API_KEY) is set but empty: set a real key, or "
+                                 "unset the variable to serve without authentication")
+            self.api_key = self.api_key.strip()  # clients' tokens are compared stripped
         if self.multi_image not in MULTI_IMAGE_POLICIES:
             raise ValueError(f"multi_image must be one of {MULTI_IMAGE_POLICIES}, not {self.multi_image!r}")
         for name in ("max_batch_size", "max_queue", "prefill_chunk", "vision_layers_per_step", "default_max_tokens",
-                     "max_request_bytes", "max_image_bytes", "max_image_pixels"):
+                     "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_connections",
+                     "max_preparing"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, not {self.compile!r}")
         if not self.model_names:
             raise ValueError("served_model_name must name at least one model")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
 
     @property
     def model_names(self) -> list[str]:
@@ -76,6 +90,19 @@ class ServerSettings:
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+
+    @property
+    def checks_host(self) -> bool:
+        """Whether the Host header is checked: always with --allowed-hosts (unless '*'), and by default on a
+        key-less loopback server, which any web page could otherwise reach through DNS rebinding."""
+        hosts = self.allowed_host_list
+        if hosts:
+            return "*" not in hosts
+        return not self.api_key and self.is_loopback
 
     @property
     def is_loopback(self) -> bool:
@@ -102,6 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model id clients send and /v1/models lists; comma-separated aliases are all accepted")
     add(p, "--cors-origins", default=d.cors_origins,
         help="comma-separated origins allowed by CORS, '*' for any; empty = no CORS headers")
+    add(p, "--allowed-hosts", default=d.allowed_hosts,
+        help="comma-separated Host names this server answers besides loopback ones ('*' = any); without it a "
+        "key-less server on a loopback address answers only localhost/127.0.0.1/[::1] (DNS-rebinding defence)")
+    add(p, "--max-connections", default=d.max_connections, type=int,
+        help="open HTTP connections at once; more are answered 503 and closed (kept below the open-file limit)")
+    add(p, "--header-timeout", default=d.header_timeout, type=float,
+        help="seconds a client has to send a request's headers; slower connections are closed")
+    add(p, "--body-timeout", default=d.body_timeout, type=float,
+        help="seconds a client has to send a request's body once its headers arrived; slower gets 408")
     add(p, "--max-batch-size", default=d.max_batch_size, type=int, help="sequences decoded together")
     add(p, "--max-model-len", type=int, help="context length: prompt (image embeddings included) + completion "
         "(default: the checkpoint's seq_length; on a GPU capped to what the memory left after loading holds for "
@@ -120,11 +156,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="completion limit when a request sends neither max_tokens nor max_completion_tokens "
         "(never more than what fits the context)")
     add(p, "--request-timeout", default=d.request_timeout, type=float,
-        help="seconds a request may take from arrival to its last token; 0 = no limit")
+        help="seconds a request may take from arrival to its last token, upload and preparation included; "
+        "0 = no limit")
     add(p, "--shutdown-timeout", default=d.shutdown_timeout, type=float,
         help="on SIGINT/SIGTERM, seconds running requests may take to finish before they are cut")
     add(p, "--max-request-bytes", default=d.max_request_bytes, type=int,
         help="largest request body accepted (base64 images included); larger answers 413")
+    add(p, "--max-preparing", default=d.max_preparing, type=int,
+        help="requests whose body is read, parsed and preprocessed at once (bounds their memory); others wait, "
+        "and past --max-queue waiting answer 429")
     add(p, "--low-detail-size", default=d.low_detail_size, type=int,
         help="vision resolution for image_url.detail='low' (a multiple of 28, clamped to what the checkpoint "
         "allows and to the server's vision size)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +28,10 @@ from PIL import Image
 from server.app import create_app
 from server.cli import make_server
 from server.settings import ServerSettings
+
+
+REPO = Path(__file__).resolve().parents[2]
+GLM4V_EDGE = Path(sys.executable).with_name("glm4v-edge")
 
 
 class SlowHooks:
@@ -88,6 +95,32 @@ def serve(settings: ServerSettings, loaded, hooks=None, wait_ready: bool = True)
     finally:
         if thread.is_alive():
             running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(args: list[str], env: dict, log_path: Path, preexec_fn=None) -> tuple[subprocess.Popen, str]:
+    """The real `glm4v-edge serve` command in a child process; returns once /health says 200."""
+    port = free_port()
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([str(GLM4V_EDGE), "serve", "--port", str(port), *args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=preexec_fn)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 def png_bytes(size=(64, 48), color=(200, 30, 30), fmt="PNG") -> bytes:

@@ -4,6 +4,7 @@ usage, sampling controls. Greedy answers are checked token-for-token against the
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -194,9 +195,27 @@ def test_unknown_and_harmless_fields_are_accepted(api, extra):
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_model_field_may_be_omitted_and_curl_form_posts_work(api):
-    # curl -d sends application/x-www-form-urlencoded unless told otherwise; the body is JSON all the same
-    r = httpx.post(f"{api.url}/v1/chat/completions", timeout=30,
-                   content=b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}',
-                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+def test_model_field_may_be_omitted(api):
+    r = api.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert r.status_code == 200 and r.json()["model"] == "glm-4v-9b"
+
+
+def test_curl_form_posts_need_the_json_header_without_a_key(api, base_settings, tiny_fp32):
+    # curl -d sends application/x-www-form-urlencoded unless told otherwise. Without an API key that is refused:
+    # a web page could send such a "simple" cross-origin POST without a CORS preflight. The message says the fix.
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    r = httpx.post(f"{api.url}/v1/chat/completions", timeout=30, content=body, headers=form)
+    assert r.status_code == 415, r.text
+    assert "-H 'Content-Type: application/json'" in r.json()["error"]["message"]
+    for ctype in ("text/plain", ""):
+        r = httpx.post(f"{api.url}/v1/chat/completions", timeout=30, content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 415
+    r = httpx.post(f"{api.url}/v1/chat/completions", timeout=30, content=body,
+                   headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    # With a key, a cross-site page cannot authenticate, so the body's type does not matter.
+    with serve(replace(base_settings, api_key="k"), tiny_fp32) as keyed:
+        r = httpx.post(f"{keyed.url}/v1/chat/completions", timeout=30, content=body,
+                       headers={**form, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.json()["model"] == "glm-4v-9b"

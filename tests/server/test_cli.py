@@ -6,12 +6,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import fields
-from pathlib import Path
 
 import httpx
 import openai
@@ -19,10 +16,8 @@ import openai
 from server.cli import startup_warnings
 from server.settings import ServerSettings, add_arguments
 
-from .conftest import data_url, png_bytes, user_with_image
+from .conftest import REPO, data_url, png_bytes, start_serve, user_with_image
 
-REPO = Path(__file__).resolve().parents[2]
-GLM4V_EDGE = Path(sys.executable).with_name("glm4v-edge")
 
 
 def parse(argv: list[str]) -> ServerSettings:
@@ -76,30 +71,6 @@ def test_startup_warnings():
     assert startup_warnings(ServerSettings(host="0.0.0.0", api_key="k")) == []
     assert any("private" in w for w in startup_warnings(ServerSettings(allow_private_urls=True)))
     assert any("'*'" in w for w in startup_warnings(ServerSettings(cors_origins="*")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve(args: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([str(GLM4V_EDGE), "serve", "--port", str(port), *args], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
 
 
 def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
