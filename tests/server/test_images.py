@@ -31,6 +31,35 @@ def test_address_classification(address, public):
     assert is_public_address(address) is public
 
 
+@pytest.mark.parametrize("address", [
+    "::7f00:1", "::a00:1", "::a9fe:a9fe", "::c0a8:101",  # IPv4-compatible ::/96 (deprecated) of private targets
+    "::ffff:0:a00:1", "::ffff:0:7f00:1", "::ffff:0:a9fe:a9fe",  # SIIT / IPv4-translated ::ffff:0:0:0/96
+    "::ffff:a00:1", "::ffff:169.254.169.254",  # IPv4-mapped
+    "64:ff9b:1::a00:1", "64:ff9b:1::808:808", "64:ff9b:1:ffff::1",  # local-use NAT64 64:ff9b:1::/48: never public
+    "64:ff9b::a00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::e000:1",  # well-known NAT64 of private / multicast v4
+    "2002:a00:1::1", "2002:a9fe:a9fe::", "2002:c0a8:101::1",  # 6to4 of private v4
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo: client 10.0.0.1 (obfuscated)
+    "2001:0:a00:1:8000:63bf:f7f7:f7f7",  # Teredo: server 10.0.0.1, client 8.8.8.8
+    "fec0::1", "fec0:1:2:3::4", "feff::1",  # site-local fec0::/10
+    "fc00::1", "fd12:3456::1",  # unique local fc00::/7
+    "fe80::1", "fe80::1%2",  # link-local
+    "::", "::1", "ff0e::1", "ff02::1",  # unspecified, loopback, multicast
+    "2001:db8::1", "3fff::1", "100::1",  # documentation, discard-only
+    "4000::1", "e000::1",  # outside global unicast 2000::/3
+])
+def test_ipv6_forms_of_non_public_targets_are_refused(address):
+    assert is_public_address(address) is False
+
+
+@pytest.mark.parametrize("address", [
+    "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2001:4860:4860::8888", "2a00:1450:4001::200e",
+    "64:ff9b::808:808", "64:ff9b::8.8.8.8", "::ffff:8.8.8.8", "::ffff:0:808:808", "::808:808", "2002:808:808::1",
+    "2001:0:808:808:8000:63bf:f7f7:f7f7",  # Teredo: server 8.8.8.8, client 8.8.8.8
+])
+def test_public_addresses_stay_allowed(address):
+    assert is_public_address(address) is True
+
+
 @pytest.fixture
 def loader(media_dir):
     pool = ThreadPoolExecutor(1)
@@ -135,3 +164,32 @@ def test_preprocess_checks_pixels_before_decoding(loader, tiny_fp32):
 def test_settings_reject_unknown_policy():
     with pytest.raises(ValueError):
         replace(ServerSettings(), multi_image="all")
+
+
+@pytest.mark.parametrize("path", ["/tmp/a%00b.png", "{media}/a%00b.png", "{media}/a\x00b.png", "{media}/\ud800.png"])
+def test_file_url_paths_that_cannot_be_a_file_name_are_400(loader, media_dir, path):
+    with pytest.raises(BadRequest):
+        run(loader.load_bytes("file://" + path.format(media=media_dir)))
+
+
+@pytest.mark.parametrize("url", ["file://[/x.png", "file://[::1/x.png"])
+def test_malformed_file_urls_are_400(loader, url):
+    with pytest.raises(BadRequest):
+        run(loader.load_bytes(url))
+
+
+def test_redirect_to_a_malformed_url_is_400(loader, image_site):
+    loader.allow_private = True
+    with pytest.raises(BadRequest, match="invalid URL"):  # Location: //[x/ → urljoin raises "Invalid IPv6 URL"
+        run(loader.fetch(f"{image_site}/redirect//[x/"))
+
+
+def test_preprocess_refuses_formats_outside_the_allow_list(loader, tiny_fp32):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, "ICO")
+    with pytest.raises(BadRequest, match="PNG, JPEG, WebP, GIF, BMP or TIFF"):
+        loader.preprocess(buf.getvalue(), tiny_fp32.image_processor, 56)
