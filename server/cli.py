@@ -68,16 +68,17 @@ def make_server(settings: ServerSettings, app):
                 self.force_exit = True
             self.should_exit = True
 
-    from .connections import connection_cap, protocol, raise_open_file_limit, rate_limit_accept_errors
+    from .connections import (connection_budget, open_descriptors, protocol, raise_open_file_limit,
+                              rate_limit_accept_errors)
 
     open_files = raise_open_file_limit()
-    max_connections = connection_cap(settings.max_connections, open_files)
+    max_connections, backlog = connection_budget(settings.max_connections, open_files, open_descriptors())
     if max_connections < settings.max_connections:
         log.warning("--max-connections %d lowered to %d: the open-file limit is %s (raise it with ulimit -n)",
                     settings.max_connections, max_connections, open_files)
     rate_limit_accept_errors()
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            http=protocol(settings.header_timeout, max_connections),
+                            http=protocol(settings.header_timeout, max_connections), backlog=backlog,
                             timeout_graceful_shutdown=settings.shutdown_timeout + 5)
     server = GracefulServer(config)
     runtime.on_failure = lambda: setattr(server, "should_exit", True)

@@ -9,9 +9,9 @@ a few hundred of them lock everyone out. Here:
 * at most ``--max-connections`` are open; one more is answered ``503`` in the OpenAI envelope and closed at once,
   before it can hold anything (uvicorn's own ``limit_concurrency`` only answers 503 to *requests*, so idle sockets
   would still pile up);
-* the cap is kept below the process's open-file limit (raised to its hard limit first), so the listening socket can
-  always accept — the alternative is asyncio logging an ``accept()`` traceback per attempt (66 MiB in 13 s seen);
-  that log line is rate-limited anyway.
+* the cap and the listen backlog are kept below the process's open-file limit (raised to its hard limit first), so
+  accepting never runs out of descriptors — the alternative is asyncio logging an ``accept()`` traceback per attempt
+  (66 MiB in 13 s seen) and piling up retries; that log line is rate-limited anyway.
 
 The body deadline (``--body-timeout``) lives in the ASGI layer (:mod:`server.http_guards`), where a 408 can be sent.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 import h11
@@ -27,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
-FD_RESERVE = 64  # descriptors kept for the model files, the log, the pool threads' files, outgoing image fetches
+FD_RESERVE = 48  # descriptors kept for loading the model (one per shard), outgoing image fetches, the log
 
 
 def raise_open_file_limit() -> int | None:
@@ -47,11 +48,26 @@ def raise_open_file_limit() -> int | None:
     return soft
 
 
-def connection_cap(requested: int, open_file_limit: int | None) -> int:
-    """``--max-connections`` kept below the open-file limit (each connection is one descriptor)."""
-    if open_file_limit is None or open_file_limit == -1:
-        return requested
-    return max(1, min(requested, open_file_limit - FD_RESERVE))
+def open_descriptors() -> int:
+    """Descriptors this process has open now (a guess where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
+
+
+def connection_budget(requested: int, open_file_limit: int | None, open_now: int) -> tuple[int, int]:
+    """(connection cap, listen backlog) that keep the process below its open-file limit.
+
+    asyncio accepts up to ``backlog`` connections per readiness event before any protocol sees them, and on EMFILE it
+    does not stop: it logs and schedules a retry per remaining iteration (CPython's ``_accept_connection``). So the
+    budget holds the cap plus a few accept batches in flight, and the backlog is no larger than that allows.
+    """
+    if open_file_limit is None or open_file_limit < 0:
+        return requested, 2048
+    available = open_file_limit - open_now - FD_RESERVE
+    backlog = max(8, min(2048, available // 8))
+    return max(1, min(requested, available - 4 * backlog)), backlog
 
 
 def _busy_response() -> bytes:

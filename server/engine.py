@@ -14,6 +14,11 @@ decode step for the running sequences after each unit.
 With ``decode_graphs`` (``serve --compile``) the decode step is the fixed-shape one of :mod:`glm4v.static_decode`,
 compiled per batch bucket when the engine starts; prefill is always the ordinary forward.
 
+Failure isolation: an error in one sequence — its sampler, stop handling or detokenizer, or non-finite logits for
+its row (:class:`glm4v.sampling.NumericalError`), at its first token or any later one — ends that sequence alone
+with an ``error`` event and frees its row; the others keep decoding. Only a failure of the shared forward pass
+ends every sequence in the step. No sampling parameter the API accepts can make sampling fail (:mod:`glm4v.sampling`).
+
 The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
 whoever submitted them (see :mod:`server.requests`) — an asyncio consumer (the server) or a plain thread.
 """
@@ -31,7 +36,7 @@ import torch
 
 from glm4v.generate import stop_token_ids
 from glm4v.kv_cache import CacheStep, KVCache
-from glm4v.sampling import Sampler, sample_batch
+from glm4v.sampling import Sampler, sample_rows
 from glm4v.static_decode import DecodeGraphs
 from glm4v.text_stream import TextStream
 
@@ -325,7 +330,7 @@ class Engine:
             self.cache.move_row(seq.row, len(self._running))
             self.cache.reset(seq.row)
         self._running.append(seq)
-        self._accept_tokens([seq], sample_batch(logits[:, -1], [seq.sampler]), first=True)
+        self._accept_tokens([seq], *sample_rows(logits[:, -1], [seq.sampler]), first=True)
 
     def _encode_image_step(self, seq: _Sequence) -> bool:
         """Advance the image through the vision tower by one group of layers; True while layers remain."""
@@ -369,54 +374,68 @@ class Engine:
     def _decode_step(self) -> None:
         seqs = self._running
         tokens = [s.last_token for s in seqs]
-        try:
+        try:  # the shared forward: when it fails, it fails for every row
             if self.graphs is not None:
                 logits = self.graphs.decode(tokens)
             else:
                 ids = torch.tensor(tokens, device=self.device)[:, None]
                 logits = self.model(ids, cache=self.cache, cache_row=0, logits_to_keep=1).logits[:, -1]
-            chosen = sample_batch(logits, [s.sampler for s in seqs])
         except Exception as e:
             self._after_error(e)
             for s in seqs:
                 self._fail(s, e)
             self._running = []
             return
-        self._accept_tokens(list(seqs), chosen, first=False)
+        self._accept_tokens(list(seqs), *sample_rows(logits, [s.sampler for s in seqs]), first=False)
 
-    def _accept_tokens(self, seqs: list[_Sequence], tokens: list[int], first: bool) -> None:
+    def _accept_tokens(self, seqs: list[_Sequence], tokens: list[int], errors: list[Exception | None],
+                       first: bool) -> None:
+        """Stream each row's token; a row that finished or failed leaves (failing ends that request alone)."""
         now = time.perf_counter()
         self._hook("first_token" if first else "token")
-        finished = []
-        for seq, tok in zip(seqs, tokens):
-            h = seq.handle
-            if first:
-                h.timings.first_token = now
-            h.timings.token_times.append(now)
-            seq.generated += 1
-            h.completion_tokens = seq.generated
-            seq.last_token = tok
-            reason = None
-            if h.cancelled:
-                reason = "cancelled"
-                text = ""
-            elif tok in seq.stops:
-                reason, text = "stop", seq.stream.finish()
-            else:
-                text, hit = seq.stream.push(tok)
-                if hit:
-                    reason = "stop"
-                elif seq.generated >= seq.max_new:
-                    reason, text = "length", text + seq.stream.finish()
-            if text or reason is None:
-                h._emit(Event("delta", text=text, token_ids=[tok]))
-            if reason is not None:
-                h.finish_reason = reason
-                h.timings.finished = now
-                h._emit(Event("finish", finish_reason=reason))
-                finished.append(seq)
-        for seq in finished:
+        leaving = []
+        for seq, tok, err in zip(seqs, tokens, errors):
+            try:
+                if err is not None:
+                    raise err
+                if self._accept_token(seq, tok, first, now):
+                    leaving.append(seq)
+            except Exception as e:  # its sampler, stop handling or detokenizer: this request's problem alone
+                log.warning("request %s failed: %s: %s", seq.handle.request_id, type(e).__name__, e)
+                self._after_error(e)
+                self._fail(seq, e)
+                leaving.append(seq)
+        for seq in leaving:
             self._remove(seq)
+
+    def _accept_token(self, seq: _Sequence, tok: int, first: bool, now: float) -> bool:
+        """Record and stream one sampled token; True when the sequence has finished."""
+        h = seq.handle
+        if first:
+            h.timings.first_token = now
+        h.timings.token_times.append(now)
+        seq.generated += 1
+        h.completion_tokens = seq.generated
+        seq.last_token = tok
+        reason = None
+        if h.cancelled:
+            reason = "cancelled"
+            text = ""
+        elif tok in seq.stops:
+            reason, text = "stop", seq.stream.finish()
+        else:
+            text, hit = seq.stream.push(tok)
+            if hit:
+                reason = "stop"
+            elif seq.generated >= seq.max_new:
+                reason, text = "length", text + seq.stream.finish()
+        if text or reason is None:
+            h._emit(Event("delta", text=text, token_ids=[tok]))
+        if reason is not None:
+            h.finish_reason = reason
+            h.timings.finished = now
+            h._emit(Event("finish", finish_reason=reason))
+        return reason is not None
 
     def _remove(self, seq: _Sequence) -> None:
         """Free the sequence's row; the last running row moves into it so rows stay contiguous."""

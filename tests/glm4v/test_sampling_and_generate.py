@@ -17,8 +17,10 @@ def _sampler(**kw):
 
 
 def test_parameter_validation():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
-                dict(repetition_penalty=0), dict(presence_penalty=3)):
+    nan = float("nan")
+    for bad in (dict(temperature=-1), dict(temperature=nan), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-1),
+                dict(max_new_tokens=0), dict(repetition_penalty=0), dict(repetition_penalty=nan),
+                dict(presence_penalty=3)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

@@ -131,11 +131,12 @@ def test_a_connection_flood_under_a_small_file_limit_neither_locks_out_health_no
                             log_path, preexec_fn=small_fd_limit)
     socks = []
     try:
-        assert "--max-connections 128 lowered to 96" in log_path.read_text()
+        assert "--max-connections 128 lowered to" in log_path.read_text()
+        host, port = url.removeprefix("http://").split(":")
         for _ in range(300):  # more sockets than the server may hold descriptors
             try:
-                socks.append(raw_connect(url))
-            except OSError:
+                socks.append(socket.create_connection((host, int(port)), timeout=0.5))
+            except OSError:  # the kernel's accept queue is full: flooded indeed
                 break
         time.sleep(1.0)
         deadline = time.monotonic() + 15
@@ -289,3 +290,57 @@ def test_head_health_and_paths_with_extra_slashes(api):
         r = httpx.post(f"{api.url}{path}", json=HI, headers={"Host": "localhost"}, follow_redirects=False)
         assert r.status_code == 200, (path, r.status_code, r.headers.get("location"))
     assert httpx.get(f"{api.url}/v1/models/").status_code == 200
+
+
+# ---- 1. one request cannot end the others' generation -------------------------------------------------------------
+BAD_BUT_ACCEPTED = [
+    {"temperature": 1e-300}, {"temperature": 5e-324}, {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 0},
+    {"temperature": 2, "top_p": 1e-300}, {"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300},
+    {"temperature": 1e-300, "presence_penalty": 2, "frequency_penalty": -2, "top_k": 1},
+]
+OUT_OF_RANGE = [{"temperature": -1e-300}, {"temperature": 2.0000001}, {"top_p": 1.5}, {"repetition_penalty": 0},
+                {"presence_penalty": 2.5}, {"top_k": -2}]
+
+
+def finished_with(metrics_text: str, reason: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("glm4v_request_finish_total{") and f'finish_reason="{reason}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_extreme_sampling_values_never_disturb_running_streams(base_settings, tiny_fp32):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .conftest import SlowHooks
+
+    with serve(base_settings, tiny_fp32, hooks=SlowHooks(0.02)) as s:
+        client = s.client()
+
+        def stream_one(i: int) -> tuple[str, str]:
+            parts, reason = [], None
+            for chunk in client.chat.completions.create(
+                    model="glm-4v-9b", stream=True, max_tokens=200, temperature=0,
+                    messages=[{"role": "user", "content": f"stream {i}"}], extra_body={"ignore_eos": True}):
+                if chunk.choices:
+                    parts.append(chunk.choices[0].delta.content or "")
+                    reason = chunk.choices[0].finish_reason or reason
+            return "".join(parts), reason
+
+        with ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(stream_one, i) for i in range(3)]
+            s.wait(lambda: s.runtime.engine.stats().running >= 3)
+            for params in BAD_BUT_ACCEPTED:
+                r = s.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **params})
+                assert r.status_code == 200, (params, r.text)
+                assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            for params in OUT_OF_RANGE:
+                r = s.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **params})
+                assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (params, r.text)
+            assert s.runtime.engine.stats().running >= 3  # still decoding: the bad requests ran beside them
+            results = [f.result(timeout=60) for f in streams]
+        assert all(reason == "length" for _, reason in results)
+        metrics = httpx.get(f"{s.url}/metrics").text
+        assert finished_with(metrics, "error") == 0
+        assert finished_with(metrics, "length") + finished_with(metrics, "stop") == 3 + len(BAD_BUT_ACCEPTED)
