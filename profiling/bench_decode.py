@@ -48,7 +48,7 @@ def _parse_list(text: str, kind=str) -> list:
 def time_mode(lm, mode: str, batches: list[int], context: int, max_len: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from glm4v.static_decode import DecodeGraphs
+    from engine.cuda_graphs import DecodeGraphs
 
     model, device = lm.model, lm.device
     cache = model.new_cache(max_len=max_len, max_batch=max(batches))

@@ -1,7 +1,7 @@
 """``bench-serve`` without ``--base-url``: this project's three ways of generating, side by side in one run.
 
 1. the plain decode loop (``glm4v.generate``), one request after another — the single-stream baseline;
-2. the batching engine in-process (``server.engine``), at each concurrency level;
+2. the batching engine in-process (``engine``), at each concurrency level;
 3. the same engine behind the HTTP server — ``glm4v-edge serve`` in its own process, as users run it — measured by
    the HTTP client of ``bench_serve``.
 
@@ -86,7 +86,7 @@ def bench_plain(lm, inputs, args) -> dict:
 
 
 def bench_engine(lm, engine, inputs, args, concurrency: int) -> dict:
-    from server.requests import GenerationRequest
+    from engine import GenerationRequest
 
     def one(item):
         ids, data = item
@@ -145,8 +145,7 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
 def benchmark_local(args, meta: dict) -> dict:
     import quant
     from glm4v_edge.loading import resolve_model_dir
-    from server.engine import Engine
-    from server.runtime import compile_mode
+    from engine import Engine, compile_mode
 
     if args.synthetic:
         from quant.synthetic import build

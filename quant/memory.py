@@ -35,25 +35,32 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _quant_state_tensors(module: nn.Module) -> list[torch.Tensor]:
-    w = getattr(module, "weight", None)
-    out = []
-    qs = getattr(w, "quant_state", None)
-    if qs is not None:  # 4-bit: absmax (+ nested absmax/code when double-quantized), codebook, offset
-        for attr in ("absmax", "code", "offset"):
-            t = getattr(qs, attr, None)
+def module_quant_state(module: nn.Module, int8_weight: bool = False):
+    """The bitsandbytes tensors of one layer that live beside its weight rather than as parameters: 4-bit absmax,
+    codebook and offset (and the nested statistics of double quantization), int8 row scales (``SCB``; with
+    ``int8_weight`` also ``CB``, the int8 weight itself). Int8Params holds CB/SCB until the layer's first forward
+    moves them to the layer's ``MatmulLtState``, so both places are looked at."""
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    while state is not None:  # QuantState, then its nested state2
+        for name in ("absmax", "code", "offset"):
+            t = getattr(state, name, None)
             if isinstance(t, torch.Tensor):
-                out.append(t)
-        s2 = getattr(qs, "state2", None)
-        if s2 is not None:
-            for attr in ("absmax", "code"):
-                t = getattr(s2, attr, None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
-    scb = getattr(w, "SCB", None)
-    if isinstance(scb, torch.Tensor):  # int8: one fp32 scale per output row
-        out.append(scb)
-    return out
+                yield t
+        state = getattr(state, "state2", None)
+    names = ("CB", "SCB") if int8_weight else ("SCB",)
+    for holder in (weight, getattr(module, "state", None)):
+        for name in names:
+            t = getattr(holder, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def quantization_state_tensors(model: nn.Module):
+    """Every such tensor of a model (int8 weights included): what a compiled decode step must mark static, or a CUDA
+    graph would copy them — ~150 MB of absmax for the full model in nf4 — into its own buffers at every replay."""
+    for module in model.modules():
+        yield from module_quant_state(module, int8_weight=True)
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -78,7 +85,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             if bname in module._non_persistent_buffers_set:
                 continue
             add(part_of(f"{mname}.{bname}"), b)
-        for t in _quant_state_tensors(module):
+        for t in module_quant_state(module):
             add("quant_state", t)
     parts["total"] = sum(parts.values())
     return parts

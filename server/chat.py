@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.chat_template import TemplateError
-from server.requests import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
+from engine import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
 
 from .conversation import build_conversation
 from .errors import (APIError, BadRequest, ContextLengthExceeded, InternalError, ModelNotFound, QueueFull,

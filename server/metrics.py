@@ -12,8 +12,7 @@ import logging
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
-from server.engine import EngineStats
-from server.requests import RequestHandle
+from engine import EngineStats, RequestHandle
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from glm4v_edge import __version__
 from glm4v_edge.loading import resolve_model_dir
 from quant import LoadedModel
 from quant.loader import check_vision_size
-from server.engine import Engine
+from engine import Engine
 
 from .errors import ServiceUnavailable
 from .images import ImageLoader
@@ -43,53 +43,6 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
     size = -(-size // 28) * 28  # low_bound itself may not be a multiple of 28
     check_vision_size(size, trained)
     return size
-
-
-def compile_mode(requested: str, device: torch.device) -> str | None:
-    """``--compile`` as the engine takes it: None when off, and on a CPU, where the compiled step measured slower
-    (docs/PERFORMANCE.md, "--compile")."""
-    if requested == "off":
-        return None
-    if device.type != "cuda":
-        log.warning("--compile %s ignored on %s: the compiled decode step is slower there (docs/PERFORMANCE.md)",
-                    requested, device.type)
-        return None
-    return requested
-
-
-def choose_max_model_len(lm: LoadedModel, s: ServerSettings, free_bytes: int | None = None) -> int:
-    """``--max-model-len`` if given; else the checkpoint's seq_length — on a GPU, as much of it as the memory left
-    after loading can hold for ``--max-batch-size`` sequences (a 12 GB card with nf4 has room for ~5k tokens × 8,
-    not 8192 × 8), like vLLM sizing its cache from the free memory."""
-    if s.max_model_len:
-        return s.max_model_len
-    seq_length = lm.config.seq_length
-    if free_bytes is None:
-        if lm.device.type != "cuda":
-            return seq_length
-        free_bytes, _ = torch.cuda.mem_get_info(lm.device)
-    from quant.estimate import max_context_that_fits, serving_context
-
-    spec = lm.spec
-    # --compile keeps CUDA-graph memory pools and compiled-kernel workspaces beside the cache: an allowance of
-    # 512 MiB on top of the usual headroom (an estimate — decode activations are small — not a measurement).
-    headroom = (512 + (512 if s.compile != "off" and lm.device.type == "cuda" else 0)) * 2**20
-    fits = max_context_that_fits(free_bytes, lm.config, s.max_batch_size, spec.precision, spec.vision_precision,
-                                 lm.vision_size, prefill_tokens=s.prefill_chunk, headroom_bytes=headroom,
-                                 compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"))
-    need = lm.image_tokens() + 256
-    if fits < need:
-        raise MemoryError(
-            f"{free_bytes / 2**30:.2f} GiB left after loading cannot hold a KV cache of {s.max_batch_size} × {need} "
-            "tokens (one image and a short exchange) next to the activations: lower --max-batch-size, use a smaller "
-            "--precision or --vision-size, or set --max-model-len explicitly"
-        )
-    chosen = serving_context(fits, seq_length)
-    if chosen < seq_length:
-        log.warning("max_model_len %d (of the checkpoint's %d): what %.2f GiB of free memory holds for %d sequences; "
-                    "set --max-model-len / --max-batch-size to choose differently", chosen, seq_length,
-                    free_bytes / 2**30, s.max_batch_size)
-    return chosen
 
 
 class Runtime:
@@ -130,10 +83,7 @@ class Runtime:
             if self.low_detail_size != s.low_detail_size:
                 log.info("--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size,
                          self.low_detail_size)
-            self.engine = Engine(lm.model, lm.tokenizer, max_batch_size=s.max_batch_size,
-                                 max_model_len=choose_max_model_len(lm, s), max_queue=s.max_queue,
-                                 prefill_chunk=s.prefill_chunk, vision_layers_per_step=s.vision_layers_per_step,
-                                 decode_graphs=compile_mode(s.compile, lm.device), hooks=self.hooks).start()
+            self.engine = Engine.for_model(lm, s.engine_config(), hooks=self.hooks).start()
             self.metrics.set_model(lm.spec.label(), lm.spec.vision_precision, device_name(lm.device),
                                    lm.vision_size, self.demo, lm.weight_bytes.get("total", 0))
             self.description = lm.describe()  # walks every module: once, not per /v1/models call

@@ -83,6 +83,13 @@ class ServerSettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
 
+    def engine_config(self):
+        from engine import EngineConfig
+
+        return EngineConfig(max_batch_size=self.max_batch_size, max_model_len=self.max_model_len,
+                            max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
+                            vision_layers_per_step=self.vision_layers_per_step, compile=self.compile)
+
     @property
     def model_names(self) -> list[str]:
         return [n.strip() for n in self.served_model_name.split(",") if n.strip()]

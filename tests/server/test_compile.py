@@ -14,10 +14,9 @@ from PIL import Image
 
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.generate import generate_text
-from glm4v.static_decode import COMPILE_MODES, DecodeGraphs, batch_buckets, kv_windows
-from server.engine import Engine
-from server.requests import GenerationRequest
-from server.runtime import compile_mode
+from engine.cuda_graphs import COMPILE_MODES, DecodeGraphs
+from glm4v.static_decode import batch_buckets, kv_windows
+from engine import Engine, GenerationRequest, compile_mode
 from server.settings import ServerSettings
 
 from .test_engine import _collect
@@ -153,7 +152,7 @@ def test_failed_compile_falls_back_to_the_ordinary_step(tiny_fp32, monkeypatch, 
 
     monkeypatch.setitem(COMPILE_MODES, "broken", dict(backend=broken_backend))
     lm = tiny_fp32
-    with caplog.at_level(logging.WARNING, logger="server.engine"):
+    with caplog.at_level(logging.WARNING, logger="engine.model_runner"):
         eng = Engine(lm.model, lm.tokenizer, max_batch_size=2, max_model_len=128, decode_graphs="broken").start()
     try:
         status = eng.compile_status()
@@ -191,7 +190,7 @@ def test_compile_flag_and_cpu_policy(caplog):
 @pytest.mark.parametrize("precision", ["fp32", "nf4", "int8"])
 def test_quantization_state_is_found_for_static_marking(load_tiny, precision):
     """Every quantized layer's statistics (4-bit absmax, int8 row scales) are among the tensors marked static."""
-    from glm4v.static_decode import quantization_state_tensors
+    from quant.memory import quantization_state_tensors
 
     model = load_tiny(precision).model
     with torch.inference_mode():  # a forward first: bitsandbytes moves int8 scales on the first one

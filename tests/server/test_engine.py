@@ -10,8 +10,7 @@ from PIL import Image
 
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.generate import generate_text
-from server.engine import Engine
-from server.requests import GenerationRequest, QueueFullError
+from engine import Engine, GenerationRequest, QueueFullError
 
 
 def _ids(lm, text, image=False):

@@ -11,8 +11,7 @@ from glm4v import SamplingParams
 from glm4v.generate import generate_text
 from glm4v.sampling import NumericalError, Sampler
 from glm4v.text_stream import TextStream
-from server.engine import Engine
-from server.requests import GenerationRequest
+from engine import Engine, GenerationRequest
 
 from .test_engine import _collect, _ids
 
@@ -72,7 +71,7 @@ def _fail_on_call(n: int, when, real, message: str, eng, seen_running: list):
         if when(self):
             calls["n"] += 1
             if calls["n"] == n:
-                seen_running.append(len(eng._running))
+                seen_running.append(len(eng.scheduler.running))
                 raise RuntimeError(message)
         return real(self, *a, **kw)
 
@@ -128,18 +127,18 @@ class _NaNForBadRow:
 
     def forward_embeds(self, *a, **kw):  # prefill
         logits = self.model.forward_embeds(*a, **kw)
-        p = self.eng._prefilling
+        p = self.eng.scheduler.prefilling
         if self.at_token == 0 and p is not None and p.handle.request is self.bad:
             logits[:] = float("nan")
-            self.running_at_failure.append(len(self.eng._running))
+            self.running_at_failure.append(len(self.eng.scheduler.running))
         return logits
 
     def __call__(self, *a, **kw):  # decode
         out = self.model(*a, **kw)
-        for row, seq in enumerate(self.eng._running):
+        for row, seq in enumerate(self.eng.scheduler.running):
             if seq.handle.request is self.bad and seq.generated + 1 == self.at_token:
                 out.logits[row] = float("nan")
-                self.running_at_failure.append(len(self.eng._running))
+                self.running_at_failure.append(len(self.eng.scheduler.running))
         return out
 
 

@@ -164,7 +164,7 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
     import pytest
 
     from quant.estimate import estimate, max_context_that_fits
-    from server.runtime import choose_max_model_len
+    from engine import choose_max_model_len
 
     lm = load_tiny("nf4")
     s = replace(base_settings, max_model_len=None, max_batch_size=8)
@@ -172,17 +172,17 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
     activation = estimate(lm.config, precision="nf4", context=s.prefill_chunk, prompt_tokens=s.prefill_chunk)
     free = activation.activation_peak_bytes + 512 * 2**20 + 8 * 1000 * per_token
     assert max_context_that_fits(free, lm.config, 8, "nf4", prefill_tokens=s.prefill_chunk) == 1000
-    assert choose_max_model_len(lm, s, free_bytes=free) == 768  # rounded down to a multiple of 256
-    assert choose_max_model_len(lm, s, free_bytes=10 * 2**30) == lm.config.seq_length  # capped
-    assert choose_max_model_len(lm, replace(s, max_model_len=300), free_bytes=1) == 300  # explicit wins
-    assert choose_max_model_len(lm, s) == lm.config.seq_length  # CPU: the checkpoint's context
+    assert choose_max_model_len(lm, s.engine_config(), free_bytes=free) == 768  # rounded down to a multiple of 256
+    assert choose_max_model_len(lm, s.engine_config(), free_bytes=10 * 2**30) == lm.config.seq_length  # capped
+    assert choose_max_model_len(lm, replace(s, max_model_len=300).engine_config(), free_bytes=1) == 300  # explicit wins
+    assert choose_max_model_len(lm, s.engine_config()) == lm.config.seq_length  # CPU: the checkpoint's context
     import torch
 
     # On a GPU, --compile leaves another 512 MiB for CUDA-graph pools (a CPU ignores --compile).
     gpu, compiled = replace(lm, device=torch.device("cuda", 0)), replace(s, compile="reduce-overhead")
-    assert choose_max_model_len(gpu, compiled, free_bytes=free + 512 * 2**20) == 768
-    assert choose_max_model_len(lm, compiled, free_bytes=free) == 768
+    assert choose_max_model_len(gpu, compiled.engine_config(), free_bytes=free + 512 * 2**20) == 768
+    assert choose_max_model_len(lm, compiled.engine_config(), free_bytes=free) == 768
     with pytest.raises(MemoryError):
-        choose_max_model_len(gpu, compiled, free_bytes=free)
+        choose_max_model_len(gpu, compiled.engine_config(), free_bytes=free)
     with pytest.raises(MemoryError, match="lower --max-batch-size"):
-        choose_max_model_len(lm, s, free_bytes=activation.activation_peak_bytes)
+        choose_max_model_len(lm, s.engine_config(), free_bytes=activation.activation_peak_bytes)

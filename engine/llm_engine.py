@@ -1,0 +1,287 @@
+"""The engine: one thread owns the model and runs continuous batching over a preallocated KV cache.
+
+Its step reads ``schedule → run → postprocess``:
+
+* **schedule** (:class:`engine.scheduler.Scheduler`): admit the next waiting request into prefill when a cache
+  row is free (first come, first served; one prefill at a time);
+* **run** (:class:`engine.model_runner.ModelRunner`): one unit of that prompt's prefill — a group of
+  ``vision_layers_per_step`` ViT layers, or ``prefill_chunk`` prompt entries — then one decode step for every
+  running sequence together (decode on one GPU is memory-bound: a batch of 8 costs little more than one);
+* **postprocess** (:meth:`engine.sequence.Sequence.accept_token`): sample, detokenize, apply stops, stream events;
+  finished sequences leave at once, and the last running row moves into the hole so rows stay contiguous.
+
+How long a new prompt can stall everyone else's stream: one unit of prefill work between two decode steps. With
+``decode_graphs`` (``serve --compile``) the decode step is the fixed-shape one compiled per batch bucket when the
+engine starts (:mod:`engine.cuda_graphs`); prefill is always the ordinary forward.
+
+Failure isolation: an error in one sequence — its sampler, stop handling or detokenizer, or non-finite logits for
+its row (:class:`glm4v.sampling.NumericalError`), at its first token or any later one — ends that sequence alone
+with an ``error`` event and frees its row; the others keep decoding. Only a failure of the shared forward pass
+ends every sequence in the step. No sampling parameter the API accepts can make sampling fail (:mod:`glm4v.sampling`).
+
+The engine knows nothing of HTTP: it takes token ids, pixels and sampling parameters, and streams events back to
+whoever submitted them (see :mod:`engine.requests`) — an asyncio consumer (the server) or a plain thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from glm4v.sampling import sample_rows
+
+from .config import EngineConfig, choose_max_model_len, compile_mode
+from .model_runner import ModelRunner
+from .requests import EngineStoppedError, Event, GenerationRequest, RequestHandle
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    prefilling: int
+    max_batch_size: int
+    max_model_len: int
+    requests_total: int
+    kv_cache_bytes: int
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        vision_layers_per_step: int = 8,
+        decode_graphs: str | None = None,
+        hooks=None,
+    ):
+        """``decode_graphs``: None decodes with the ordinary forward; a :data:`engine.cuda_graphs.COMPILE_MODES`
+        key compiles the fixed-shape decode step per batch bucket before serving (``--compile``); "static" runs that
+        step uncompiled. A compile that fails logs why and falls back to the ordinary forward."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len or model.config.seq_length
+        self.max_queue = max_queue
+        self.hooks = hooks
+        self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
+        self.device = model.embed_device
+        self.scheduler = Scheduler(max_batch_size, max_queue)
+        # The cache is allocated by the engine thread when it starts (see _loop).
+        self.runner = ModelRunner(model, max_batch_size, self.max_model_len, prefill_chunk, vision_layers_per_step,
+                                  decode_graphs, hooks)
+        self.kv_cache_bytes = self.runner.kv_cache_bytes
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self.requests_total = 0
+
+    @classmethod
+    def for_model(cls, lm, config: EngineConfig, hooks=None) -> Engine:
+        """An engine for a loaded model (:class:`quant.LoadedModel`): the context sized for the device, --compile
+        applied where it pays."""
+        return cls(lm.model, lm.tokenizer, max_batch_size=config.max_batch_size,
+                   max_model_len=choose_max_model_len(lm, config), max_queue=config.max_queue,
+                   prefill_chunk=config.prefill_chunk, vision_layers_per_step=config.vision_layers_per_step,
+                   decode_graphs=compile_mode(config.compile, lm.device), hooks=hooks)
+
+    # ---- public API (any thread) ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the engine thread; returns once its KV cache is allocated (raises if it cannot be)."""
+        if self._thread is None:
+            self._started = threading.Event()
+            self._start_error: BaseException | None = None
+            self._thread = threading.Thread(target=self._loop, name="glm4v-engine", daemon=True)
+            self._thread.start()
+            self._started.wait()
+            if self._start_error is not None:
+                self._thread.join()
+                raise self._start_error
+        return self
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        if request.pixel_values is None:
+            return len(request.prompt_ids)
+        return request.cache_entries(self.model.config.vision.image_tokens(request.pixel_values.shape[-1]))
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises QueueFullError / EngineStoppedError / ValueError (does not fit the context)."""
+        if not request.request_id:
+            request.request_id = f"req-{next(self._ids)}"
+        prompt_tokens = self.prompt_tokens(request)
+        if prompt_tokens + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt needs {prompt_tokens} tokens but the context (max_model_len) is {self.max_model_len}"
+            )
+        handle = RequestHandle(request, prompt_tokens)
+        with self._cv:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            self.scheduler.add(handle)
+            self.requests_total += 1
+            self._cv.notify()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            s = self.scheduler
+            return EngineStats(
+                waiting=len(s.waiting),
+                running=len(s.running),
+                prefilling=int(s.prefilling is not None),
+                max_batch_size=self.max_batch_size,
+                max_model_len=self.max_model_len,
+                requests_total=self.requests_total,
+                kv_cache_bytes=self.kv_cache_bytes,
+            )
+
+    def compile_status(self) -> dict | None:
+        """What /v1/models reports about --compile: None when it was not asked for."""
+        return self.runner.compile_status()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let running ones finish for up to ``timeout`` s, then cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.stats()
+            if s.waiting == 0 and s.running == 0 and s.prefilling == 0:
+                break
+            time.sleep(0.02)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        # Anything still queued ends cleanly for its consumer.
+        for h in list(self.scheduler.waiting):
+            h._emit(Event("finish", finish_reason="cancelled"))
+        self.scheduler.waiting.clear()
+
+    # ---- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        # All of the engine's torch work — the cache allocation included — happens on this one thread. On a CPU,
+        # every other thread that ran a parallel torch op keeps an idle OpenMP team, and libgomp then throttles the
+        # spin-waiting of ours: small ops get many times slower (docs/PERFORMANCE.md). Request threads therefore do
+        # no torch math.
+        torch.set_grad_enabled(False)
+        try:
+            self.runner.allocate()
+        except MemoryError as e:
+            self._start_error = e
+            self._started.set()
+            return
+        self._started.set()
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self.scheduler.admit(self._start_sequence)  # schedule
+                try:
+                    self.step()  # run → postprocess
+                except Exception as e:  # never let the thread die: fail what was in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_in_flight(e)
+            for seq in self.scheduler.in_flight():
+                seq.cancel()
+            self.scheduler.clear()
+
+    def step(self) -> None:
+        """One unit of the current prefill, then one decode step for every running sequence."""
+        if self.scheduler.prefilling is not None:
+            self._prefill_step()
+        if self.scheduler.running:
+            self._decode_step()
+
+    def _start_sequence(self, handle: RequestHandle) -> Sequence:
+        return Sequence.start(handle, self.model, self.tokenizer, self.vocab_size, self.device, self.max_model_len)
+
+    def _fail_in_flight(self, err: BaseException) -> None:
+        """An unexpected error outside the model calls: end every in-flight request with it, free every row."""
+        for seq in self.scheduler.in_flight():
+            seq.fail(err)
+        self.scheduler.clear()
+        self.runner.reset_row()
+        self.runner.after_error(err)
+
+    def _prefill_step(self) -> None:
+        """One unit of the current prompt's prefill; the last unit samples its first token."""
+        seq = self.scheduler.prefilling
+        if seq.handle.cancelled:
+            self.scheduler.prefilling = None
+            seq.cancel()
+            return
+        if seq.row < 0:
+            seq.row = self.scheduler.next_free_row()
+            seq.handle.timings.started = time.perf_counter()
+            self.runner.reset_row(seq.row)
+        try:
+            logits = self.runner.prefill_unit(seq)
+        except Exception as e:
+            self.scheduler.prefilling = None
+            self.runner.reset_row(seq.row)
+            self.runner.after_error(e)
+            seq.fail(e)
+            return
+        if logits is None:
+            return
+        moved_from = self.scheduler.promote(seq)
+        if moved_from is not None:  # rows finished meanwhile: close the gap so running rows stay contiguous
+            self.runner.move_row(moved_from, len(self.scheduler.running) - 1)
+        self._postprocess([seq], *sample_rows(logits, [seq.sampler]), first=True)
+
+    def _decode_step(self) -> None:
+        seqs = list(self.scheduler.running)
+        try:  # the shared forward: when it fails, it fails for every row
+            logits = self.runner.decode([s.last_token for s in seqs])
+        except Exception as e:
+            self.runner.after_error(e)
+            for s in seqs:
+                s.fail(e)
+            self.scheduler.running = []
+            return
+        self._postprocess(seqs, *sample_rows(logits, [s.sampler for s in seqs]), first=False)
+
+    def _postprocess(self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None],
+                     first: bool) -> None:
+        """Stream each row's token; a row that finished or failed leaves (failing ends that request alone)."""
+        now = time.perf_counter()
+        self._hook("first_token" if first else "token")
+        leaving = []
+        for seq, tok, err in zip(seqs, tokens, errors, strict=True):
+            try:
+                if err is not None:
+                    raise err
+                if seq.accept_token(tok, first, now):
+                    leaving.append(seq)
+            except Exception as e:  # its sampler, stop handling or detokenizer: this request's problem alone
+                log.warning("request %s failed: %s: %s", seq.handle.request_id, type(e).__name__, e)
+                self.runner.after_error(e)
+                seq.fail(e)
+                leaving.append(seq)
+        for seq in leaving:
+            self.runner.move_row(*self.scheduler.remove(seq))
+
+    def _hook(self, name: str) -> None:
+        if self.hooks is not None:
+            self.hooks.on_event(name)
