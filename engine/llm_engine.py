@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glm4v.generate import GenerationHooks
 from glm4v.sampling import sample_rows
 
 from .config import EngineConfig, choose_max_model_len, compile_mode
@@ -66,7 +67,7 @@ class Engine:
         prefill_chunk: int = 512,
         vision_layers_per_step: int = 8,
         decode_graphs: str | None = None,
-        hooks=None,
+        hooks: GenerationHooks | None = None,
     ):
         """``decode_graphs``: None decodes with the ordinary forward; a :data:`engine.cuda_graphs.COMPILE_MODES`
         key compiles the fixed-shape decode step per batch bucket before serving (``--compile``); "static" runs that

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from glm4v.generate import GenerationHooks
 from glm4v.kv_cache import CacheStep, KVCache
 
 from .cuda_graphs import DecodeGraphs
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model, max_batch_size: int, max_model_len: int, prefill_chunk: int,
-                 vision_layers_per_step: int, decode_graphs: str | None, hooks=None):
+                 vision_layers_per_step: int, decode_graphs: str | None, hooks: GenerationHooks | None = None):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len

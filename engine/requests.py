@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glm4v.chat_template import expanded_length
 from glm4v.sampling import SamplingParams
 
 
@@ -35,7 +36,7 @@ class GenerationRequest:
 
     def cache_entries(self, image_tokens: int) -> int:
         """Cache entries the prompt occupies: the image's 3 placeholder tokens become ``image_tokens`` entries."""
-        return len(self.prompt_ids) + (image_tokens - 3 if self.pixel_values is not None else 0)
+        return expanded_length(len(self.prompt_ids), image_tokens if self.pixel_values is not None else None)
 
 
 @dataclass

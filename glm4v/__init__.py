@@ -1,6 +1,6 @@
 """Native GLM-4V-9B (THUDM/glm-4v-9b, ``model_type: "chatglm"``) for current transformers, no remote code."""
 
-from .chat_template import Message, Prompt, build_prompt
+from .chat_template import Message, Prompt, build_prompt, expanded_length, generation_prompt
 from .config import ChatGLMConfig, VisionConfig
 from .image_processor import ImageError, ImageProcessor, open_image
 from .kv_cache import KVCache
@@ -40,5 +40,7 @@ __all__ = [
     "SamplingParams",
     "VisionConfig",
     "build_prompt",
+    "expanded_length",
+    "generation_prompt",
     "open_image",
 ]

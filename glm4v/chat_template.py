@@ -3,8 +3,11 @@
     [gMASK] <sop> <|user|> "\\n" [<|begin_of_image|> <|endoftext|> <|end_of_image|>] question <|assistant|>
 
 Each message is ``<|role|>`` + encode(metadata + "\\n") + (the three image tokens if this message carries the
-image) + encode(content); there is no end-of-turn token. The generation prompt is a bare ``<|assistant|>``: the
-model writes "\\n" and then the answer. One image per conversation, as the model was trained.
+image) + encode(content); there is no end-of-turn token. The reference's generation prompt is a bare
+``<|assistant|>``, after which the model always writes "\\n" (the end of the reply's empty metadata line) and
+then the answer. :func:`generation_prompt` — what this project sends from every front door (server, ``chat``,
+``eval``, ``profile``, the benchmarks) — puts that newline in the prompt, so it never starts the answer and
+``stop: ["\\n"]`` means "one line". One image per conversation, as the model was trained.
 """
 
 from __future__ import annotations
@@ -66,3 +69,25 @@ def build_prompt(
     if add_generation_prompt:
         ids.append(tok("<|assistant|>"))
     return Prompt(ids=ids, image_message=image_message, roles=roles)
+
+
+def generation_suffix(tokenizer: GLM4Tokenizer) -> list[int]:
+    """The ids that end every generation prompt: ``<|assistant|>`` and the newline the model would write first."""
+    return [tokenizer.token_id("<|assistant|>")] + tokenizer.encode("\n")
+
+
+def generation_prompt(tokenizer: GLM4Tokenizer, messages: list[Message]) -> Prompt:
+    """The one prompt for generation, whatever the front door: the template, then :func:`generation_suffix`."""
+    prompt = build_prompt(tokenizer, messages, add_generation_prompt=False)
+    prompt.ids += generation_suffix(tokenizer)
+    return prompt
+
+
+IMAGE_PLACEHOLDERS = 3  # <|begin_of_image|> <|endoftext|> <|end_of_image|>
+
+
+def expanded_length(n_ids: int, image_tokens: int | None) -> int:
+    """Sequence entries (KV-cache slots, logits rows) of a prompt of ``n_ids`` ids once its image is spliced in:
+    the three placeholders become ``image_tokens`` embeddings (boi + patches + eoi; 1602 at 1120 px). ``None`` or
+    0 = no image."""
+    return n_ids + (image_tokens - IMAGE_PLACEHOLDERS if image_tokens else 0)

@@ -28,18 +28,17 @@ def run(args) -> int:
 
     import torch
 
-    from glm4v import ImageError, Message, SamplingParams, build_prompt
+    from glm4v import ImageError, Message, SamplingParams, generation_prompt
     from glm4v.generate import generate
-
-    from .loading import load_from_args
+    from quant.request import LoadRequest, open_model
 
     log = logging.getLogger("glm4v_edge.chat")
-    lm = load_from_args(args, log)
+    lm = open_model(LoadRequest.from_args(args))
     messages = []
     if args.system:
         messages.append(Message("system", args.system))
     messages.append(Message("user", args.question, has_image=bool(args.image)))
-    prompt = build_prompt(lm.tokenizer, messages)
+    prompt = generation_prompt(lm.tokenizer, messages)
     pixels = None
     if args.image:
         try:

@@ -1,30 +1,34 @@
 """``glm4v-edge``: one command, one subcommand per job.
 
-Each subcommand lives next to the code it drives and exposes ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only wires them up. Heavy imports (torch, transformers) happen inside ``run``.
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up.
+The modules are imported here plainly (the import-layer test sees every arrow); each keeps its heavy imports
+(torch, transformers, FastAPI) inside ``run``, so ``glm4v-edge --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-from . import __version__
+from profiling import estimate_cli, eval_cli, profile_cli, report_cli
+from profiling.bench import decode as bench_decode
+from profiling.bench import serve_cli as bench_serve
+
+from . import __version__, chat, info, make_tiny, serve
 
 COMMANDS = {
     # name: (module, one-line help)
-    "serve": ("server.cli", "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
-    "chat": ("glm4v_edge.chat", "one-shot question about an image, streamed to the terminal"),
-    "info": ("glm4v_edge.info", "check a checkpoint folder and print what it holds"),
-    "make-tiny": ("glm4v_edge.make_tiny", "write a small random checkpoint in the official layout"),
-    "estimate": ("profiling.estimate_cli", "predict weights, KV cache, activations and total memory per precision"),
-    "profile": ("profiling.profile_cli", "measure VRAM and latency per precision, against the fp16 baseline"),
-    "eval": ("profiling.eval_cli", "measure quality per precision against a reference precision"),
-    "report": ("profiling.report_cli", "join profile and eval results into the memory-versus-quality table"),
-    "bench-serve": ("profiling.bench_serve", "load-test any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
-    "bench-decode": ("profiling.bench_decode", "time the decode step alone: ordinary, fixed-shape and --compile"),
+    "serve": (serve, "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
+    "chat": (chat, "one-shot question about an image, streamed to the terminal"),
+    "info": (info, "check a checkpoint folder and print what it holds"),
+    "make-tiny": (make_tiny, "write a small random checkpoint in the official layout"),
+    "estimate": (estimate_cli, "predict weights, KV cache, activations and total memory per precision"),
+    "profile": (profile_cli, "measure VRAM and latency per precision, against the fp16 baseline"),
+    "eval": (eval_cli, "measure quality per precision against a reference precision"),
+    "report": (report_cli, "join profile and eval results into the memory-versus-quality table"),
+    "bench-serve": (bench_serve, "load-test any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
+    "bench-decode": (bench_decode, "time the decode step alone: ordinary, fixed-shape and --compile"),
 }
 
 
@@ -37,8 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
-    for name, (module, help_) in COMMANDS.items():
-        mod = importlib.import_module(module)
+    for name, (mod, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().split("\n\n")[0])
         mod.add_arguments(p)
         modules[name] = mod

@@ -20,23 +20,23 @@ class LocalAnswerer:
 
     def prepare(self, item: Item):
         """(prompt ids, pixels (3, N, N)) for an item, at this model's vision size."""
-        from glm4v import Message, build_prompt
+        from glm4v import Message, generation_prompt
 
-        ids = build_prompt(self.lm.tokenizer, [Message("user", item.question + self.suffix, has_image=True)]).ids
+        ids = generation_prompt(self.lm.tokenizer, [Message("user", item.question + self.suffix, has_image=True)]).ids
         return ids, self.lm.image_processor(item.open_image())
 
     def answer(self, item: Item):
         """(text, generated ids incl. a final stop token, prepared inputs) — greedy, so repeatable."""
         import torch
 
-        from glm4v import SamplingParams
+        from glm4v import SamplingParams, expanded_length
         from glm4v.generate import generate_text
 
         ids, pixels = self.prepare(item)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         with torch.inference_mode():
             text, out_ids, _ = generate_text(self.lm.model, self.lm.tokenizer, ids, pixels, params,
-                                             max_len=len(ids) + self.lm.image_tokens() + self.max_new_tokens + 4)
+                                             max_len=expanded_length(len(ids), self.lm.image_tokens()) + self.max_new_tokens + 4)
         return text.strip(), out_ids, (ids, pixels)
 
     def logprobs(self, prepared, answer_ids: list[int]):

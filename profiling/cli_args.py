@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .matrix import precision_list, size_list, vision_precision_list
+from .matrix import comma_list, precision_list, size_list, vision_precision_list
+
+__all__ = ["add_grid", "add_model_source", "comma_list"]
 
 
 def add_model_source(p: argparse.ArgumentParser, synthetic: bool = True) -> None:

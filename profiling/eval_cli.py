@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli_args import add_grid, add_model_source
+from .cli_args import add_grid, add_model_source, comma_list
 from .matrix import precision_list
 
 
@@ -74,7 +74,7 @@ def run(args) -> int:
         from .answerers import HttpError
         from .eval_runs import HTTP_NOTE, evaluate_http
 
-        urls = [u.strip() for u in args.base_url.split(",") if u.strip()]
+        urls = comma_list(args.base_url)
         print(f"note: {HTTP_NOTE}", file=sys.stderr)
         bar = ProgressBar(len(urls) * len(items), label="eval")
         try:
@@ -83,7 +83,6 @@ def run(args) -> int:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1
     else:
-        import torch
 
         from glm4v.checkpoint import CheckpointError
 
@@ -101,8 +100,7 @@ def run(args) -> int:
         keys = [k.resolved(trained) for k in grid(args.precision, args.vision_precision, args.vision_size)]
         ref = args.reference[0]
         ref_key = ConfigKey(ref, ref, args.reference_vision_size or trained)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        opts = dict(device=device, compute_dtype=args.compute_dtype, double_quant=not args.no_double_quant)
+        opts = dict(device=args.device, compute_dtype=args.compute_dtype, double_quant=not args.no_double_quant)
         bar = ProgressBar((1 + sum(k != ref_key for k in keys)) * len(items), label="eval")
         rows, answers = evaluate_local(args.model, config, keys, ref_key, items, opts, args.max_new_tokens, bar)
     bar.close()

@@ -39,10 +39,10 @@ def _free(lm) -> None:
 
 
 def _load(model_dir: str, key: ConfigKey, opts: dict):
-    import quant
+    from quant.request import LoadRequest, open_model
 
-    return quant.load(model_dir, precision=key.precision, vision_precision=key.vision_precision,
-                      vision_size=key.vision_size, **opts)
+    return open_model(LoadRequest(model=model_dir, precision=key.precision, vision_precision=key.vision_precision,
+                                  vision_size=key.vision_size, **opts))
 
 
 def _base_row(key: ConfigKey, lm, config, max_new_tokens: int, n_prompt: int) -> dict:
@@ -71,6 +71,8 @@ def _answer_rows(label: str, items: list[Item], texts: list[str]) -> list[dict]:
 def evaluate_local(model_dir: str, config, keys: list[ConfigKey], ref_key: ConfigKey, items: list[Item],
                    opts: dict, max_new_tokens: int, bar) -> tuple[list[dict], list[dict]]:
     """Rows (reference first) and per-item answers for each configuration."""
+    from glm4v import expanded_length
+
     from .answerers import LocalAnswerer
 
     rows, answers = [], []
@@ -84,7 +86,7 @@ def evaluate_local(model_dir: str, config, keys: list[ConfigKey], ref_key: Confi
         ref_out.texts.append(text)
         ref_out.ids.append(ids)
         ref_out.logprobs.append(ref.logprobs(prepared, ids))
-        n_prompt = max(n_prompt, len(prepared[0]) + ref_lm.image_tokens())
+        n_prompt = max(n_prompt, expanded_length(len(prepared[0]), ref_lm.image_tokens()))
         bar.update(note=f"{ref_key.label()} (reference)")
     ref_row = _base_row(ref_key, ref_lm, config, max_new_tokens, n_prompt)
     ref_row.update(is_reference=True, reference=ref_key.precision, reference_label=ref_key.label(),

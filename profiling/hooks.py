@@ -1,4 +1,5 @@
-"""How profiling listens to generation: the ``on_event(name)`` hook of :mod:`glm4v.generate`, fanned out.
+"""How profiling listens to generation: the one hooks protocol, :class:`glm4v.generate.GenerationHooks`
+(``on_event(name)``), which both the plain decode loop and the engine call, fanned out to several listeners.
 
 The decode loop calls ``hooks.on_event("prefill_start" | "vision_start" | "vision_end" | "first_token" | "token")``;
 the profiler adds its own marks around a request ("request_start", "preprocess_end", "end"). Listeners that care
@@ -7,7 +8,7 @@ about *phases* (memory samplers) map events to the phase that begins with them.
 
 from __future__ import annotations
 
-from typing import Protocol
+from glm4v.generate import GenerationHooks
 
 # event → the phase that starts with it. "vision" sits inside the prefill: a peak there counts for the prefill too.
 PHASE_AFTER_EVENT = {
@@ -22,8 +23,7 @@ PHASE_AFTER_EVENT = {
 REQUEST_PHASES = ("vision", "prefill", "decode")  # the phases whose peaks a profile reports
 
 
-class Listener(Protocol):
-    def on_event(self, name: str) -> None: ...
+Listener = GenerationHooks  # what each fanned-out listener implements
 
 
 class Fanout:

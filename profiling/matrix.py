@@ -14,11 +14,20 @@ from quant import PRECISIONS
 SAME = "same"  # --vision-precision entry meaning "as --precision"
 
 
-def _items(text: str, what: str) -> list[str]:
+def comma_list(text, kind=str, strict: bool = False) -> list:
+    """``"1, 4,8"`` → [1, 4, 8]: the one parser for every comma-list flag. Empty entries are dropped, or with
+    ``strict`` refused (ValueError); ``kind`` raises ValueError on a bad entry."""
     items = [x.strip() for x in str(text).split(",")]
-    if not text or any(not x for x in items):
-        raise argparse.ArgumentTypeError(f"{what} list {text!r} has an empty entry (use e.g. bf16,int8,nf4)")
-    return items
+    if strict and (not str(text).strip() or any(not x for x in items)):
+        raise ValueError(f"list {text!r} has an empty entry")
+    return [kind(x) for x in items if x]
+
+
+def _items(text: str, what: str) -> list[str]:
+    try:
+        return comma_list(text, strict=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} list {text!r} has an empty entry (use e.g. bf16,int8,nf4)") from None
 
 
 def precision_list(text: str) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PROTOCOL_PREFIX = "@@profile "
+PROFILE_QUESTION = "Describe the image in detail."
 FILLER = " The quick brown fox jumps over the lazy dog while the sky is blue and the grass is green."
 
 log = logging.getLogger("profiling.worker")
@@ -52,17 +53,19 @@ def emit(event: str, **payload) -> None:
 
 
 def profile_prompt(tokenizer, n_tokens: int, with_image: bool) -> list[int]:
-    """A prompt of ``n_tokens`` text ids (chat template included; the image adds its embeddings on top), padded
-    with filler text before ``<|assistant|>``. Never shorter than the bare template + question."""
-    from glm4v import Message, build_prompt
+    """A generation prompt of ``n_tokens`` text ids (chat template included; the image adds its embeddings on top),
+    padded with filler text at the end of the question. Never shorter than the bare template + question."""
+    from glm4v import Message, generation_prompt
+    from glm4v.chat_template import generation_suffix
 
-    base = build_prompt(tokenizer, [Message("user", "Describe the image in detail.", has_image=with_image)]).ids
+    base = generation_prompt(tokenizer, [Message("user", PROFILE_QUESTION, has_image=with_image)]).ids
     need = n_tokens - len(base)
     if need <= 0:
         return base
     filler_ids = tokenizer.encode(FILLER)
     filler = (filler_ids * (need // len(filler_ids) + 1))[:need]
-    return base[:-1] + filler + base[-1:]
+    tail = len(generation_suffix(tokenizer))
+    return base[:-tail] + filler + base[-tail:]
 
 
 def cpu_snapshot() -> tuple[float, float, float]:
@@ -92,22 +95,24 @@ def make_resident(model) -> None:
         flat[:: max(1, 4096 // t.element_size())].sum()
 
 
+def load_request(spec: RunSpec):
+    from quant.request import LoadRequest
+
+    return LoadRequest(model=spec.model, synthetic=spec.synthetic, precision=spec.precision,
+                       vision_precision=spec.vision_precision, device=spec.device, vision_size=spec.vision_size,
+                       compute_dtype=spec.compute_dtype, double_quant=spec.double_quant)
+
+
 def load_model(spec: RunSpec):
-    import quant
+    from quant.request import open_model
 
-    kw = dict(precision=spec.precision, vision_precision=spec.vision_precision, device=spec.device,
-              vision_size=spec.vision_size, compute_dtype=spec.compute_dtype, double_quant=spec.double_quant)
-    if spec.synthetic:
-        from quant.synthetic import build
-
-        return build(spec.synthetic, **kw)
-    return quant.load(spec.model, **kw)
+    return open_model(load_request(spec))
 
 
 def run(spec: RunSpec) -> dict:
     import torch
 
-    from glm4v import SamplingParams
+    from glm4v import SamplingParams, expanded_length
     from glm4v.generate import generate
     from quant.estimate import estimate
 
@@ -117,7 +122,9 @@ def run(spec: RunSpec) -> dict:
     from .timing import RequestTimer, summarize
     from .torch_memory import TorchAllocatorPeaks
 
-    device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from quant.loader import resolve_device
+
+    device = str(resolve_device(spec.device))  # the sampler must watch the device the model will load on
     spec.device = device
     sampler = MemorySampler(device, spec.sample_interval_s).start()
     allocator = TorchAllocatorPeaks(device)
@@ -137,7 +144,7 @@ def run(spec: RunSpec) -> dict:
 
     ids = profile_prompt(lm.tokenizer, spec.prompt_tokens, spec.image is not None)
     image_tokens = lm.image_tokens() if spec.image else 0
-    expanded = len(ids) + (image_tokens - 1 if spec.image else 0)  # 3 image tokens → boi + patches + eoi
+    expanded = expanded_length(len(ids), image_tokens)
     params = SamplingParams(max_new_tokens=spec.new_tokens, temperature=0.0, ignore_eos=True)
     max_len = expanded + spec.new_tokens + 8
     image_bytes = Path(spec.image).read_bytes() if spec.image else None

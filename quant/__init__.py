@@ -24,6 +24,8 @@ _LAZY = {
     "load": "loader",
     "weight_bytes": "memory",
     "PrecisionSpec": "precision",
+    "LoadRequest": "request",
+    "open_model": "request",
 }
 
 
@@ -36,4 +38,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PRECISIONS", "LoadedModel", "PrecisionSpec", "default_device", "load", "weight_bytes"]
+__all__ = ["PRECISIONS", "LoadRequest", "LoadedModel", "PrecisionSpec", "default_device", "load", "open_model",
+           "weight_bytes"]

@@ -86,6 +86,7 @@ class LoadedModel:
     load_s: float
     checkpoint: CheckpointInfo
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    demo: bool = False  # random weights (the demo checkpoint or --synthetic): answers mean nothing
 
     @property
     def config(self):
@@ -140,7 +141,6 @@ def load(
     device, spec, vision_size = resolve_request(
         info.config, device, vision_size, precision=precision, vision_precision=vision_precision,
         compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
-    vc = info.config.vision
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
     quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)
@@ -157,15 +157,7 @@ def load(
                 quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
             elif spec.vision_dtype() != load_dtype:
                 vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
-    if device.type == "cpu":
-        fix_cpu_4bit_layers(model)
-    model.eval()
-    # An inference model: no autograd graph (memory), and bitsandbytes' CPU 4-bit matmul adds a bias in place,
-    # which autograd refuses when the bias requires grad. Fine-tuners can turn it back on.
-    model.requires_grad_(False)
-    if vision_size != vc.image_size:
-        vision.patch_embedding.position_table(vision_size // vc.patch_size)  # resample once, at load
-
+    finish_model(model, device, vision_size)
     loaded = LoadedModel(
         model=model,
         tokenizer=GLM4Tokenizer.from_pretrained(model_dir),
@@ -183,6 +175,21 @@ def load(
         model_dir, spec.label(), device, loaded.load_s, loaded.weight_bytes["total"] / 2**30,
     )
     return loaded
+
+
+def finish_model(model: ChatGLMForConditionalGeneration, device: torch.device, vision_size: int) -> None:
+    """The last step of every load and synthetic build: an inference model at its vision size."""
+    if device.type == "cpu":
+        fix_cpu_4bit_layers(model)
+    model.eval()
+    # An inference model: no autograd graph (memory), and bitsandbytes' CPU 4-bit matmul adds a bias in place,
+    # which autograd refuses when the bias requires grad. Fine-tuners can turn it back on.
+    model.requires_grad_(False)
+    vc = model.config.vision
+    if vision_size != vc.image_size:
+        model.transformer.vision.patch_embedding.position_table(vision_size // vc.patch_size)  # resample once
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def check_vision_size(size: int, trained: int) -> None:

@@ -27,8 +27,8 @@ from glm4v import ChatGLMConfig, ChatGLMForConditionalGeneration, GLM4Tokenizer,
 from glm4v.checkpoint import CheckpointInfo, expected_shapes, load_config
 from glm4v.tokenizer import SPECIAL_TOKENS
 
-from .bnb import fix_cpu_4bit_layers, quantized_linear
-from .loader import LoadedModel, resolve_request
+from .bnb import quantized_linear
+from .loader import LoadedModel, finish_model, resolve_request
 from .memory import weight_bytes
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec
 
@@ -108,16 +108,16 @@ def build(
     double_quant: bool = True,
     quantize_lm_head: bool = False,
     seed: int = 0,
+    name: str | None = None,
 ) -> LoadedModel:
     """Random-weight GLM-4V at ``precision`` on ``device``; same arguments and result type as :func:`quant.load`."""
     t0 = time.perf_counter()
-    name = config if isinstance(config, str) else "config"
+    name = name or (config if isinstance(config, str) else "config")
     if isinstance(config, str):
         config = synthetic_config(config)
     device, spec, vision_size = resolve_request(
         config, device, vision_size, precision=precision, vision_precision=vision_precision,
         compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
-    vc = config.vision
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # shapes only: no memory, no init cost
@@ -151,14 +151,7 @@ def build(
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"synthetic build left tensors unmaterialized: {', '.join(left[:5])}")
-    if device.type == "cpu":
-        fix_cpu_4bit_layers(model)
-    model.eval()
-    model.requires_grad_(False)  # as quant.load: inference only
-    if vision_size != vc.image_size:
-        model.transformer.vision.patch_embedding.position_table(vision_size // vc.patch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    finish_model(model, device, vision_size)
 
     path = Path(f"synthetic/{name}")
     loaded = LoadedModel(
@@ -171,6 +164,7 @@ def build(
         vision_size=vision_size,
         load_s=time.perf_counter() - t0,
         checkpoint=CheckpointInfo(path, config, [], expected_shapes(config), {}),
+        demo=True,
     )
     loaded.weight_bytes = weight_bytes(model)
     log.info(

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
-from glm4v_edge import __version__
 from quant import LoadedModel
 
 from . import chat
@@ -29,6 +28,7 @@ from .metrics import Metrics
 from .protocol import parse_chat_request
 from .runtime import Loader, Runtime
 from .settings import ServerSettings
+from .version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 Three decisions worth knowing:
 
-* The generation prompt ends ``<|assistant|>\\n``. GLM-4V always writes that newline first (it ends the turn's
-  metadata line; HF's ``process_response`` splits it off), so putting it in the prompt keeps it out of ``content``
-  and lets ``stop: ["\\n"]`` mean "one line of answer" instead of "nothing".
+* The generation prompt ends ``<|assistant|>\\n`` (:func:`glm4v.chat_template.generation_prompt`, the same for every
+  front door). GLM-4V always writes that newline first (it ends the turn's metadata line; HF's
+  ``process_response`` splits it off), so putting it in the prompt keeps it out of ``content`` and lets
+  ``stop: ["\\n"]`` mean "one line of answer" instead of "nothing".
 * A stream's HTTP status is decided by its first engine event: errors before the first token (queue timeout,
   out-of-memory in prefill) still get their real status code; the role chunk then goes out with the first token.
 * Once a stream has started, a cut that is not the client's doing (``--request-timeout``, a shutdown that outlasts
@@ -25,15 +26,33 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from glm4v import Message, SamplingParams, build_prompt
-from glm4v.chat_template import TemplateError
 from engine import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
+from glm4v import Message, SamplingParams, generation_prompt
+from glm4v.chat_template import TemplateError
 
 from .conversation import build_conversation
-from .errors import (APIError, BadRequest, ContextLengthExceeded, InternalError, ModelNotFound, QueueFull,
-                     RequestTimeout, ServiceUnavailable)
-from .protocol import (SSE_DONE, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                       ChunkChoice, Delta, Usage, unsupported_features)
+from .errors import (
+    APIError,
+    BadRequest,
+    ContextLengthExceeded,
+    InternalError,
+    ModelNotFound,
+    QueueFull,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from .protocol import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+    unsupported_features,
+)
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -63,10 +82,9 @@ def resolve_model(name: str | None, served: list[str]) -> str:
 
 def _prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     try:
-        ids = build_prompt(tokenizer, messages).ids
+        return generation_prompt(tokenizer, messages).ids
     except TemplateError as e:
         raise BadRequest(str(e), param="messages") from None
-    return ids + tokenizer.encode("\n")
 
 
 def _sampling(req: ChatCompletionRequest, max_new_tokens: int) -> SamplingParams:

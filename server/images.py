@@ -37,10 +37,10 @@ import torch
 
 from glm4v import ImageError, ImageProcessor, open_image
 from glm4v.image_processor import ALLOWED_FORMATS, ImageTooLarge  # noqa: F401 — ALLOWED_FORMATS: the allow-list
-from glm4v_edge import __version__
 
 from .errors import BadRequest, PayloadTooLarge
 from .settings import ServerSettings
+from .version import __version__
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.DOTALL)
 _REDIRECTS = (301, 302, 303, 307, 308)

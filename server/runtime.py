@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch
 
-from glm4v_edge import __version__
-from glm4v_edge.loading import resolve_model_dir
+from engine import Engine
 from quant import LoadedModel
 from quant.loader import check_vision_size
-from engine import Engine
 
 from .errors import ServiceUnavailable
 from .images import ImageLoader
 from .metrics import Metrics, vram_snapshot
 from .settings import ServerSettings
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +78,7 @@ class Runtime:
             if self.loaded is None:
                 self.loaded = self._loader() if self._loader is not None else self._load_from_settings()
             lm, s = self.loaded, self.settings
+            self.demo = lm.demo
             self.low_detail_size = low_detail_size(s.low_detail_size, lm.vision_size, lm.config.vision.image_size)
             if self.low_detail_size != s.low_detail_size:
                 log.info("--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size,
@@ -99,34 +99,9 @@ class Runtime:
                 self.on_failure()
 
     def _load_from_settings(self) -> LoadedModel:
-        import quant
-        from glm4v.checkpoint import load_config
-        from quant.auto import choose_precision
+        from quant.request import open_model
 
-        s = self.settings
-        device = s.device or str(quant.default_device())
-        if s.synthetic:
-            from quant.synthetic import build, synthetic_config
-
-            config = synthetic_config(s.synthetic)
-            self.demo = True
-            log.warning("--synthetic %s: RANDOM weights (real memory and speed, meaningless answers)", s.synthetic)
-        else:
-            model_dir, self.demo = resolve_model_dir(s.model, log)
-            config = load_config(model_dir)
-        precision = s.precision
-        if precision == "auto":
-            # Without --max-model-len the context is sized to the memory left after loading, so the precision is
-            # chosen for a modest 2048 tokens per sequence rather than the full 8192.
-            precision, reason = choose_precision(config, device, vision_size=s.vision_size,
-                                                 context=s.max_model_len or min(config.seq_length, 2048),
-                                                 batch=s.max_batch_size)
-            log.info("--precision auto → %s (%s)", precision, reason)
-        kw = dict(precision=precision, vision_precision=s.vision_precision, device=device, vision_size=s.vision_size,
-                  compute_dtype=s.compute_dtype, double_quant=s.double_quant)
-        if s.synthetic:
-            return build(config, **kw)
-        return quant.load(model_dir, **kw)
+        return open_model(self.settings.load_request())
 
     def drain(self, timeout: float) -> None:
         """Stop taking requests and let running ones finish for up to ``timeout`` s (then they are cut)."""

@@ -25,13 +25,3 @@ def eval_out(tiny_dir, tmp_path_factory):
     rc = main(["eval", "--model", str(tiny_dir), "--precision", "int8,nf4", "--reference", "fp32",
                "--limit", "10", "--max-new-tokens", "8", "--out", str(out)])
     return rc, out
-
-
-def png_stats(path):
-    """(width, height, number of distinct colours) of a PNG: a blank or broken plot has one colour or fails."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
-        return im.width, im.height, len(colours)

@@ -12,7 +12,7 @@ import pytest
 from glm4v_edge.cli import main
 from profiling.baseline import attach_baseline, baseline_summary
 
-from .conftest import png_stats
+from ..support import png_stats
 
 REQUIRED = ("precision", "vision_precision", "vision_size", "device", "memory_source", "peak_memory_bytes",
             "idle_memory_bytes", "load_s", "ttft_s", "decode_tokens_per_s", "estimated_bytes")

@@ -6,7 +6,7 @@ import json
 
 from glm4v_edge.cli import main
 
-from .conftest import png_stats
+from ..support import png_stats
 
 
 def test_report_joins_profile_and_eval(profile_out, eval_out, tmp_path):

@@ -87,7 +87,7 @@ def test_prompt_builder_hits_the_requested_length(tiny_fp32):
     for n, image in ((64, True), (200, False)):
         ids = profile_prompt(tok, n, image)
         assert len(ids) == n
-        assert ids[-1] == tok.token_id("<|assistant|>")
+        assert ids[-2:] == [tok.token_id("<|assistant|>")] + tok.encode("\n")  # the one generation prompt
         assert (tok.token_id("<|begin_of_image|>") in ids) == image
     assert len(profile_prompt(tok, 1, True)) > 1  # never shorter than template + question
 

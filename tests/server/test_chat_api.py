@@ -13,7 +13,7 @@ from PIL import Image
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.generate import generate_text
 
-from .conftest import data_url, png_bytes, serve, user_with_image
+from ..support import data_url, png_bytes, serve, user_with_image
 
 RED = png_bytes()
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}

@@ -13,10 +13,11 @@ from dataclasses import fields
 import httpx
 import openai
 
-from server.cli import startup_warnings
-from server.settings import ServerSettings, add_arguments
+from glm4v_edge.serve import add_arguments
+from server.launch import startup_warnings
+from server.settings import ServerSettings
 
-from .conftest import REPO, data_url, png_bytes, start_serve, user_with_image
+from ..support import REPO, data_url, png_bytes, start_serve, user_with_image
 
 
 
@@ -41,7 +42,7 @@ def test_flags_env_and_defaults(monkeypatch):
 def test_bad_environment_values_and_settings_are_clear_errors(monkeypatch, caplog):
     import pytest
 
-    from server.cli import run
+    from glm4v_edge.serve import run
 
     monkeypatch.setenv("GLM4V_COMPILE", "fast")
     with pytest.raises(SystemExit, match="GLM4V_COMPILE='fast' is invalid: choose from off, reduce-overhead"):
@@ -126,7 +127,7 @@ def test_serve_without_model_runs_the_demo_loudly_and_stops_on_sigint(tmp_path):
 
 
 def test_serve_refuses_a_missing_media_folder(tmp_path, caplog):
-    from server.cli import run
+    from glm4v_edge.serve import run
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -8,7 +8,7 @@ import os
 import openai
 import pytest
 
-from .conftest import data_url, png_bytes, user_with_image
+from ..support import data_url, png_bytes, user_with_image
 
 GOOD = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -104,7 +104,7 @@ def test_file_urls_cannot_leave_the_allowed_folder(api, media_dir, name):
 def test_file_urls_refused_when_no_folder_is_allowed(base_settings, tiny_fp32, media_dir):
     from dataclasses import replace
 
-    from .conftest import serve
+    from ..support import serve
 
     with serve(replace(base_settings, allowed_local_media_path=None), tiny_fp32) as s:
         assert_envelope(s.post(image_msg(f"file://{media_dir}/red.png")), 400, says="disabled")
@@ -113,7 +113,7 @@ def test_file_urls_refused_when_no_folder_is_allowed(base_settings, tiny_fp32, m
 def test_multi_image_policy_first_keeps_the_first_image(base_settings, tiny_fp32):
     from dataclasses import replace
 
-    from .conftest import serve
+    from ..support import serve
 
     red, blue = data_url(png_bytes()), data_url(png_bytes(color=(0, 0, 255)))
     two = {"messages": [user_with_image(red), user_with_image(blue)], "max_tokens": 4, "temperature": 0}

@@ -13,7 +13,7 @@ import torch
 
 import quant
 
-from .conftest import SlowHooks, serve
+from ..support import SlowHooks, serve
 
 LONG = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
         "temperature": 0, "ignore_eos": True}

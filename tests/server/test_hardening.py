@@ -20,7 +20,7 @@ from server.connections import RateLimitFilter
 from server.protocol import MAX_MESSAGES, MAX_PARTS_PER_MESSAGE
 from server.settings import ServerSettings
 
-from .conftest import serve, start_serve
+from ..support import serve, start_serve
 
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -313,7 +313,7 @@ def finished_with(metrics_text: str, reason: str) -> float:
 def test_extreme_sampling_values_never_disturb_running_streams(base_settings, tiny_fp32):
     from concurrent.futures import ThreadPoolExecutor
 
-    from .conftest import SlowHooks
+    from ..support import SlowHooks
 
     with serve(base_settings, tiny_fp32, hooks=SlowHooks(0.02)) as s:
         client = s.client()

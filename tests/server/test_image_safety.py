@@ -17,7 +17,7 @@ from glm4v import image_processor
 from glm4v.image_processor import ImageError, ImageProcessor, open_image
 from server import images
 
-from .conftest import data_url, png_bytes, user_with_image
+from ..support import data_url, png_bytes, user_with_image
 
 GOOD = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ACCEPTED = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")  # what the 400 must name (docs/SERVER.md)

@@ -15,7 +15,7 @@ from server.errors import BadRequest, PayloadTooLarge
 from server.images import ImageLoader, is_public_address
 from server.settings import ServerSettings
 
-from .conftest import png_bytes
+from ..support import png_bytes
 
 PNG = png_bytes()
 

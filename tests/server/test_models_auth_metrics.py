@@ -11,7 +11,7 @@ import pytest
 
 from server.errors import ServiceUnavailable
 
-from .conftest import data_url, png_bytes, serve, user_with_image
+from ..support import data_url, png_bytes, serve, user_with_image
 
 
 def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
@@ -145,7 +145,7 @@ def test_serving_a_synthetic_model(base_settings):
     """`serve --synthetic tiny --precision nf4`: random weights built on the device, reported as such."""
     from dataclasses import replace
 
-    from .conftest import serve
+    from ..support import serve
 
     settings = replace(base_settings, synthetic="tiny", precision="nf4", device="cpu")
     with serve(settings, None) as srv:

@@ -18,7 +18,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .bench_serve import benchmark_http, build_bodies, fmt_ms, level_summary, markdown, RequestResult
+from .http_load import benchmark_http
+from .results import RequestResult, fmt_ms, level_summary, markdown
+from .workload import build_bodies
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,13 @@ def _prompt_inputs(lm, body: dict):
     The image is decoded and preprocessed inside each measured path (as the server does per request), so the
     in-process numbers include the same work as the HTTP ones.
     """
-    from glm4v import Message, build_prompt
+    from glm4v import Message, generation_prompt
 
     parts = body["messages"][0]["content"]
     text = "".join(p["text"] for p in parts if p["type"] == "text")
     image = next((p["image_url"]["url"] for p in parts if p["type"] == "image_url"), None)
     data = base64.b64decode(image.split(",", 1)[1]) if image is not None else None
-    ids = build_prompt(lm.tokenizer, [Message("user", text, has_image=data is not None)]).ids
+    ids = generation_prompt(lm.tokenizer, [Message("user", text, has_image=data is not None)]).ids
     return ids, data
 
 
@@ -143,20 +145,13 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
 
 
 def benchmark_local(args, meta: dict) -> dict:
-    import quant
-    from glm4v_edge.loading import resolve_model_dir
     from engine import Engine, compile_mode
+    from quant.request import LoadRequest, open_model
 
-    if args.synthetic:
-        from quant.synthetic import build
-
-        model_dir, demo = None, True
-        lm = _in_fresh_thread(lambda: build(args.synthetic, precision=args.precision, device=args.device))
-        label = f"synthetic {args.synthetic} (random weights)"
-    else:
-        model_dir, demo = resolve_model_dir(args.model, log)
-        lm = _in_fresh_thread(lambda: quant.load(model_dir, precision=args.precision, device=args.device))
-        label = model_dir + (" (demo)" if demo else "")
+    request = LoadRequest.from_args(args)
+    lm = _in_fresh_thread(lambda: open_model(request))
+    model_dir = None if args.synthetic else str(lm.model_dir)
+    label = request.source_label() if not request.is_demo else f"{model_dir} (demo)"
     meta.update({"model": label, "precision": lm.spec.label(), "device": str(lm.device)})
     bodies = build_bodies(args, args.requests, offset=0)
     inputs = [_prompt_inputs(lm, b) for b in bodies]

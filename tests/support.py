@@ -1,8 +1,10 @@
-"""Real servers for the API tests: uvicorn on a free port in a thread, the official openai client, raw httpx.
+"""Helpers the tests share (not tests themselves): real servers on free ports, images, engine event collection.
 
-Servers share the session's tiny checkpoint models (loaded once) and start in ~0.1 s, so each concern gets its own
-server with the settings it needs. ``SlowHooks`` makes the engine sleep per decode step, so tests about
-cancellation, queueing, timeouts and shutdown see generation that is reliably still running.
+* :func:`serve` — a real uvicorn on a free port in a thread, around an already loaded model; :class:`RunningServer`
+  gives its URL, the official openai client and raw httpx posts. :class:`SlowHooks` makes the engine sleep per
+  decode step, so tests about cancellation, queueing, timeouts and shutdown see generation that is still running.
+* :func:`start_serve` — the real ``glm4v-edge serve`` command in a child process.
+* :func:`collect` — one engine request's events → (text, token ids, finish reason).
 """
 
 from __future__ import annotations
@@ -17,20 +19,18 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import openai
-import pytest
 from PIL import Image
 
+from glm4v import Message, generation_prompt
 from server.app import create_app
-from server.cli import make_server
+from server.launch import make_server
 from server.settings import ServerSettings
 
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 GLM4V_EDGE = Path(sys.executable).with_name("glm4v-edge")
 
 
@@ -138,66 +138,29 @@ def user_with_image(url, text: str = "What is in this image?", detail: str | Non
     return {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": image_url}]}
 
 
-@pytest.fixture(scope="session")
-def media_dir(tmp_path_factory) -> Path:
-    """The folder file:// URLs may read: a PNG, a JPEG, and a symlink that points outside it."""
-    root = tmp_path_factory.mktemp("media")
-    (root / "red.png").write_bytes(png_bytes())
-    (root / "blue.jpg").write_bytes(png_bytes(color=(20, 20, 220), fmt="JPEG"))
-    outside = tmp_path_factory.mktemp("outside")
-    (outside / "secret.png").write_bytes(png_bytes(color=(0, 255, 0)))
-    (root / "escape.png").symlink_to(outside / "secret.png")
-    return root
+def collect(handle):
+    text, toks, reason = [], [], None
+    for ev in handle:
+        if ev.kind == "delta":
+            text.append(ev.text)
+            toks += ev.token_ids
+        elif ev.kind == "finish":
+            reason = ev.finish_reason
+        else:
+            raise ev.error
+    return "".join(text), toks, reason
 
 
-class _ImageHandler(SimpleHTTPRequestHandler):
-    """Static files, plus ``/redirect/<path>`` → 302 to ``/<path>`` and ``/big`` streaming without a length."""
-
-    def do_GET(self):
-        if self.path.startswith("/redirect/"):
-            self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect"):])
-            self.end_headers()
-            return
-        if self.path == "/big":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            for _ in range(64):
-                self.wfile.write(b"\0" * 65536)
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
+def prompt_ids(lm, text: str, image: bool = False) -> list[int]:
+    """The generation prompt of one user message, as every front door builds it."""
+    return generation_prompt(lm.tokenizer, [Message("user", text, has_image=image)]).ids
 
 
-@pytest.fixture(scope="session")
-def image_site(media_dir):
-    """A local http server for image URLs (on 127.0.0.1, so only servers with allow_private_urls may fetch it)."""
+def png_stats(path):
+    """(width, height, number of distinct colours) of a PNG: a blank or broken plot has one colour or fails."""
+    from PIL import Image
 
-    def handler(*a, **kw):
-        return _ImageHandler(*a, directory=str(media_dir), **kw)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="session")
-def base_settings(media_dir) -> ServerSettings:
-    """Secure defaults (no private URLs), small limits the error tests can reach, low detail at 56 px."""
-    return ServerSettings(
-        max_model_len=256, max_batch_size=4, max_queue=16, low_detail_size=56, default_max_tokens=32,
-        allowed_local_media_path=str(media_dir), max_image_bytes=200_000, max_image_pixels=1_000_000,
-        max_request_bytes=1_000_000, image_fetch_timeout=5, shutdown_timeout=5,
-    )
-
-
-@pytest.fixture(scope="session")
-def api(base_settings, tiny_fp32):
-    """The main server: fp32 tiny model, no API key, strict image URL policy."""
-    with serve(base_settings, tiny_fp32) as s:
-        yield s
+    with Image.open(path) as im:
+        im.load()
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        return im.width, im.height, len(colours)

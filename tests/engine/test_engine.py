@@ -8,26 +8,12 @@ import time
 import pytest
 from PIL import Image
 
-from glm4v import Message, SamplingParams, build_prompt
+from glm4v import SamplingParams
 from glm4v.generate import generate_text
 from engine import Engine, GenerationRequest, QueueFullError
 
-
-def _ids(lm, text, image=False):
-    return build_prompt(lm.tokenizer, [Message("user", text, has_image=image)]).ids
-
-
-def _collect(handle):
-    text, toks, reason = [], [], None
-    for ev in handle:
-        if ev.kind == "delta":
-            text.append(ev.text)
-            toks += ev.token_ids
-        elif ev.kind == "finish":
-            reason = ev.finish_reason
-        else:
-            raise ev.error
-    return "".join(text), toks, reason
+from ..support import collect as _collect
+from ..support import prompt_ids as _ids
 
 
 @pytest.fixture

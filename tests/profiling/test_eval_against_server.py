@@ -10,7 +10,7 @@ from glm4v.generate import generate_text
 from glm4v_edge.cli import main
 from profiling.vqa_synthetic import synthetic_items
 
-from .conftest import serve
+from ..support import serve
 
 
 def test_eval_base_url_against_our_server(base_settings, load_tiny, tmp_path, capsys):

@@ -1,28 +1,21 @@
-"""Serve GLM-4V-9B over an OpenAI-compatible HTTP API (the built-in tiny random demo model when --model is not given).
-
-    glm4v-edge serve --model /models/glm-4v-9b --precision nf4 --api-key "$KEY"
-
-Every flag also reads an environment variable (``--precision`` ↔ ``GLM4V_PRECISION``); see docs/SERVER.md.
+"""Start the server for a :class:`~server.settings.ServerSettings`: uvicorn with the connection guards, a graceful
+shutdown that drains the engine, and the startup warnings for risky settings. The ``serve`` command
+(:mod:`glm4v_edge.serve`) parses the flags and calls :func:`run_server`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from pathlib import Path
 
 from .settings import ServerSettings
-from .settings import add_arguments as _add_settings_arguments
 
-log = logging.getLogger("glm4v_edge.serve")
+log = logging.getLogger(__name__)
 
 NO_KEY_WARNING = (
     "binding %s without --api-key: anyone who can reach this address can use the model. "
     "Set GLM4V_API_KEY (or --api-key), or bind 127.0.0.1."
 )
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_settings_arguments(p)
 
 
 def startup_warnings(settings: ServerSettings) -> list[str]:
@@ -68,8 +61,13 @@ def make_server(settings: ServerSettings, app):
                 self.force_exit = True
             self.should_exit = True
 
-    from .connections import (connection_budget, open_descriptors, protocol, raise_open_file_limit,
-                              rate_limit_accept_errors)
+    from .connections import (
+        connection_budget,
+        open_descriptors,
+        protocol,
+        raise_open_file_limit,
+        rate_limit_accept_errors,
+    )
 
     open_files = raise_open_file_limit()
     max_connections, backlog = connection_budget(settings.max_connections, open_files, open_descriptors())
@@ -85,16 +83,10 @@ def make_server(settings: ServerSettings, app):
     return server
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def run_server(settings: ServerSettings) -> int:
+    """Serve until SIGINT/SIGTERM; 0 after a graceful stop, 1 when the model failed to load, 2 for bad settings."""
     from .app import create_app
 
-    try:
-        settings = ServerSettings.from_args(args)
-    except ValueError as e:  # e.g. --max-queue 0
-        log.error("%s", e)
-        return 2
     if settings.allowed_local_media_path and not Path(settings.allowed_local_media_path).is_dir():
         log.error("--allowed-local-media-path %s is not a folder", settings.allowed_local_media_path)
         return 2

@@ -19,6 +19,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..cli_args import comma_list
+
 log = logging.getLogger(__name__)
 
 MODES = ("off", "static", "reduce-overhead", "cudagraphs", "default")
@@ -39,10 +41,6 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--modes", default="off,static", help=f"comma list of {', '.join(MODES)} (default off,static)")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
-
-
-def _parse_list(text: str, kind=str) -> list:
-    return [kind(x.strip()) for x in str(text).split(",") if x.strip()]
 
 
 def time_mode(lm, mode: str, batches: list[int], context: int, max_len: int, steps: int, warmup: int) -> dict:
@@ -116,9 +114,12 @@ def run(args) -> int:
 
     import torch
 
-    import quant
+    from quant.request import LoadRequest, open_model
 
-    modes, batches = _parse_list(args.modes), _parse_list(args.batch, int)
+    try:
+        modes, batches = comma_list(args.modes), comma_list(args.batch, int)
+    except ValueError:
+        modes, batches = [], []
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         print(f"error: --modes takes {', '.join(MODES)}; got {args.modes!r}", file=sys.stderr)
@@ -133,14 +134,8 @@ def run(args) -> int:
     if args.context + args.warmup + args.steps >= max_len:
         print(f"error: --max-model-len {max_len} has no room for --context + --warmup + --steps", file=sys.stderr)
         return 2
-    device = args.device or str(quant.default_device())
-    if args.model:
-        lm, label = quant.load(args.model, precision=args.precision, device=device), args.model
-    else:
-        from quant.synthetic import build
-
-        name = args.synthetic or "mid"
-        lm, label = build(name, precision=args.precision, device=device), f"synthetic {name} (random weights)"
+    request = LoadRequest.from_args(args, synthetic=None if args.model else (args.synthetic or "mid"))
+    lm, label = open_model(request), request.source_label()
     dev = lm.device
     meta = {
         "model": label, "precision": lm.spec.label(), "device": str(dev),

@@ -13,7 +13,8 @@ from glm4v.sampling import NumericalError, Sampler
 from glm4v.text_stream import TextStream
 from engine import Engine, GenerationRequest
 
-from .test_engine import _collect, _ids
+from ..support import collect as _collect
+from ..support import prompt_ids as _ids
 
 GOOD = ["tell me about the sea", "count to ten", "what is a fox"]
 GOOD_PARAMS = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)

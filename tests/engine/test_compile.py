@@ -19,7 +19,7 @@ from glm4v.static_decode import batch_buckets, kv_windows
 from engine import Engine, GenerationRequest, compile_mode
 from server.settings import ServerSettings
 
-from .test_engine import _collect
+from ..support import collect as _collect
 
 
 def _ids(lm, text, image=False):
@@ -169,7 +169,7 @@ def test_failed_compile_falls_back_to_the_ordinary_step(tiny_fp32, monkeypatch, 
 def test_compile_flag_and_cpu_policy(caplog):
     import argparse
 
-    from server.settings import add_arguments
+    from glm4v_edge.serve import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -1,0 +1,143 @@
+"""What to load, described once, and the one function that opens it.
+
+Every front door — ``serve``, ``chat``, ``profile``, ``eval``, the benchmarks — builds a :class:`LoadRequest` from
+its flags and calls :func:`open_model`, which makes the decisions in one order, in one place:
+
+1. the source: a checkpoint folder, random weights of an architecture (``synthetic``), or — neither given — the
+   built-in tiny demo checkpoint (random answers, said loudly);
+2. the device (``cuda`` when available, pinned to the current index);
+3. ``--precision auto`` → the best precision whose estimate fits the free memory for ``context`` × ``batch``;
+4. the load (:func:`quant.load`) or the synthetic build (:func:`quant.synthetic.build`), both of which end in the
+   same finishing step (:func:`quant.loader.finish_model`).
+
+The estimator takes the same object (:meth:`LoadRequest.estimate`), so a prediction is made for exactly what would
+be loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+log = logging.getLogger(__name__)
+
+DEMO_WARNING = (
+    "No --model given: using the built-in TINY DEMO checkpoint with RANDOM weights ({path}). "
+    "Its answers are random text. Pass --model /path/to/glm-4v-9b for the real model."
+)
+AUTO_CONTEXT = 2048  # what --precision auto sizes for when no context is given (the context then fills the rest)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    model: str | None = None  # checkpoint folder; None (and no synthetic) = the tiny demo checkpoint
+    synthetic: str | None = None  # "full" | "mid" | "tiny" | a config.json: random weights built on the device
+    precision: str = "auto"
+    vision_precision: str | None = None  # None = same as precision
+    compute_dtype: str | None = None
+    double_quant: bool = True
+    vision_size: int | None = None  # None = the checkpoint's
+    device: str | None = None  # None = cuda when available
+    # What `auto` sizes the KV cache for: None = min(seq_length, AUTO_CONTEXT) tokens per sequence.
+    context: int | None = None
+    batch: int = 1
+    seed: int = 0  # synthetic weights only
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> LoadRequest:
+        """From the shared model flags (``--model --precision --vision-precision --compute-dtype --no-double-quant
+        --vision-size --device``, and ``--synthetic`` where a command has it)."""
+        values = dict(
+            model=getattr(args, "model", None), synthetic=getattr(args, "synthetic", None),
+            precision=getattr(args, "precision", "auto"), vision_precision=getattr(args, "vision_precision", None),
+            compute_dtype=getattr(args, "compute_dtype", None),
+            double_quant=not getattr(args, "no_double_quant", False),
+            vision_size=getattr(args, "vision_size", None), device=getattr(args, "device", None),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def is_demo(self) -> bool:
+        return not self.model and not self.synthetic
+
+    def source_label(self) -> str:
+        if self.synthetic:
+            return f"synthetic {self.synthetic} (random weights)"
+        return self.model or "the built-in tiny demo checkpoint (random weights)"
+
+    def config(self):
+        """The architecture this request loads (reads only config.json; builds the demo checkpoint if needed)."""
+        if self.synthetic:
+            from .synthetic import synthetic_config
+
+            return synthetic_config(self.synthetic)
+        from glm4v.checkpoint import load_config
+
+        return load_config(self.model_dir())
+
+    def model_dir(self) -> str:
+        if self.model:
+            return self.model
+        if self.synthetic:
+            raise ValueError("a synthetic model has no checkpoint folder")
+        from glm4v.tiny import ensure_demo_checkpoint
+
+        return str(ensure_demo_checkpoint())
+
+    def resolve(self, config=None) -> LoadRequest:
+        """The same request with the device made concrete and ``auto`` decided (logged with its reason)."""
+        from .loader import resolve_device
+
+        device = resolve_device(self.device)
+        request = replace(self, device=str(device))
+        if self.precision == "auto":
+            from .auto import choose_precision
+
+            config = config or self.config()
+            context = self.context or min(config.seq_length, AUTO_CONTEXT)
+            precision, reason = choose_precision(config, device, vision_size=self.vision_size, context=context,
+                                                 batch=self.batch)
+            log.info("--precision auto → %s (%s)", precision, reason)
+            request = replace(request, precision=precision)
+        return request
+
+    def estimate(self, config=None, **kw):
+        """:func:`quant.estimate.estimate` for this request (``auto`` must be resolved first)."""
+        from .estimate import estimate
+
+        if self.precision == "auto":
+            raise ValueError("resolve --precision auto before estimating")
+        kw.setdefault("context", self.context or min((config or self.config()).seq_length, AUTO_CONTEXT))
+        kw.setdefault("batch", self.batch)
+        return estimate(config or self.config(), precision=self.precision, vision_precision=self.vision_precision,
+                        vision_size=self.vision_size, double_quant=self.double_quant,
+                        compute_dtype=self.compute_dtype, **kw)
+
+
+def open_model(request: LoadRequest):
+    """Load (or build) what ``request`` describes → :class:`quant.LoadedModel` (with ``demo`` set)."""
+    if request.is_demo:
+        path = request.model_dir()
+        log.warning(DEMO_WARNING.format(path=path))
+        request = replace(request, model=path)
+        demo = True
+    else:
+        demo = bool(request.synthetic)
+    if request.synthetic:
+        log.warning("--synthetic %s: RANDOM weights (real memory and speed, meaningless answers)", request.synthetic)
+    config = request.config()
+    request = request.resolve(config)
+    kw = dict(precision=request.precision, vision_precision=request.vision_precision, device=request.device,
+              vision_size=request.vision_size, compute_dtype=request.compute_dtype,
+              double_quant=request.double_quant)
+    if request.synthetic:
+        from .synthetic import build
+
+        lm = build(config, seed=request.seed, name=request.synthetic, **kw)
+    else:
+        from .loader import load
+
+        lm = load(request.model, **kw)
+    lm.demo = demo
+    return lm
