@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make serve`  and  `make test`.
+# Two commands on a fresh machine:  `make serve`  and  `make test`  (`make lint` runs ruff, as CI does).
 # Both create ./.venv on first use: torch first (TORCH_SPEC; a CPU wheel here, the CUDA build on a GPU box from
 # PyPI), then this project with its test extras. Override e.g. `make serve TORCH_SPEC=torch ARGS="--model ..."`.
 
@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS       ?=
 BIN         = $(VENV)/bin
 
-.PHONY: install serve test gpu-bench clean
+.PHONY: install serve test lint format gpu-bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,15 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# ruff: pyflakes, pycodestyle, import order and bugbear (pyproject.toml), and the formatter in check mode.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # On a GPU machine: every GPU figure docs/PERFORMANCE.md and docs/PROFILING.md ask for, from random weights of the
 # real architecture (no download). `profile` adds the fp16 baseline where it fits (else estimates it); the bf16

@@ -11,6 +11,14 @@ from .llm_engine import Engine, EngineStats
 from .requests import EngineStoppedError, Event, GenerationRequest, QueueFullError, RequestHandle
 
 __all__ = [
-    "Engine", "EngineConfig", "EngineStats", "EngineStoppedError", "Event", "GenerationRequest",
-    "QueueFullError", "RequestHandle", "choose_max_model_len", "compile_mode",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "EngineStoppedError",
+    "Event",
+    "GenerationRequest",
+    "QueueFullError",
+    "RequestHandle",
+    "choose_max_model_len",
+    "compile_mode",
 ]

@@ -35,8 +35,11 @@ def compile_mode(requested: str, device: torch.device) -> str | None:
     if requested == "off":
         return None
     if device.type != "cuda":
-        log.warning("--compile %s ignored on %s: the compiled decode step is slower there (docs/PERFORMANCE.md)",
-                    requested, device.type)
+        log.warning(
+            "--compile %s ignored on %s: the compiled decode step is slower there (docs/PERFORMANCE.md)",
+            requested,
+            device.type,
+        )
         return None
     return requested
 
@@ -54,9 +57,17 @@ def choose_max_model_len(lm: LoadedModel, config: EngineConfig, free_bytes: int 
     # --compile keeps CUDA-graph memory pools and compiled-kernel workspaces beside the cache: an allowance of
     # 512 MiB on top of the usual headroom (an estimate — decode activations are small — not a measurement).
     headroom = (512 + (512 if config.compile != "off" and lm.device.type == "cuda" else 0)) * 2**20
-    fits = max_context_that_fits(free_bytes, lm.config, config.max_batch_size, spec.precision, spec.vision_precision,
-                                 lm.vision_size, prefill_tokens=config.prefill_chunk, headroom_bytes=headroom,
-                                 compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"))
+    fits = max_context_that_fits(
+        free_bytes,
+        lm.config,
+        config.max_batch_size,
+        spec.precision,
+        spec.vision_precision,
+        lm.vision_size,
+        prefill_tokens=config.prefill_chunk,
+        headroom_bytes=headroom,
+        compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"),
+    )
     need = lm.image_tokens() + 256
     if fits < need:
         raise MemoryError(
@@ -66,7 +77,12 @@ def choose_max_model_len(lm: LoadedModel, config: EngineConfig, free_bytes: int 
         )
     chosen = serving_context(fits, seq_length)
     if chosen < seq_length:
-        log.warning("max_model_len %d (of the checkpoint's %d): what %.2f GiB of free memory holds for %d sequences; "
-                    "set --max-model-len / --max-batch-size to choose differently", chosen, seq_length,
-                    free_bytes / 2**30, config.max_batch_size)
+        log.warning(
+            "max_model_len %d (of the checkpoint's %d): what %.2f GiB of free memory holds for %d sequences; "
+            "set --max-model-len / --max-batch-size to choose differently",
+            chosen,
+            seq_length,
+            free_bytes / 2**30,
+            config.max_batch_size,
+        )
     return chosen

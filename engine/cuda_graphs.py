@@ -38,8 +38,9 @@ def _fresh_copy(fn):
 class DecodeGraphs:
     """The fixed-shape decode step, compiled per batch bucket (or run eagerly when ``mode`` is None)."""
 
-    def __init__(self, model, cache: KVCache, mode: str | None = None, max_batch: int | None = None,
-                 kv_step: int | None = None):
+    def __init__(
+        self, model, cache: KVCache, mode: str | None = None, max_batch: int | None = None, kv_step: int | None = None
+    ):
         if mode is not None and mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {sorted(COMPILE_MODES)}, not {mode!r}")
         self.model = model
@@ -81,8 +82,9 @@ class DecodeGraphs:
                 # One compiled function per bucket (its batch size fixed, its window dynamic). Dynamo keeps graphs per
                 # code object, so each gets a copy of static_decode's: its graphs then never compete with another
                 # bucket's (or another engine's) for the recompile limit, and its guards never fail while serving.
-                fn = torch.compile(_fresh_copy(static_decode), fullgraph=True, dynamic=False,
-                                   **COMPILE_MODES[self.mode])
+                fn = torch.compile(
+                    _fresh_copy(static_decode), fullgraph=True, dynamic=False, **COMPILE_MODES[self.mode]
+                )
             self._fns[bucket] = fn
         return fn
 

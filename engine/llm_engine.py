@@ -82,8 +82,9 @@ class Engine:
         self.device = model.embed_device
         self.scheduler = Scheduler(max_batch_size, max_queue)
         # The cache is allocated by the engine thread when it starts (see _loop).
-        self.runner = ModelRunner(model, max_batch_size, self.max_model_len, prefill_chunk, vision_layers_per_step,
-                                  decode_graphs, hooks)
+        self.runner = ModelRunner(
+            model, max_batch_size, self.max_model_len, prefill_chunk, vision_layers_per_step, decode_graphs, hooks
+        )
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         self._cv = threading.Condition()
         self._stopping = False
@@ -96,10 +97,17 @@ class Engine:
     def for_model(cls, lm, config: EngineConfig, hooks=None) -> Engine:
         """An engine for a loaded model (:class:`quant.LoadedModel`): the context sized for the device, --compile
         applied where it pays."""
-        return cls(lm.model, lm.tokenizer, max_batch_size=config.max_batch_size,
-                   max_model_len=choose_max_model_len(lm, config), max_queue=config.max_queue,
-                   prefill_chunk=config.prefill_chunk, vision_layers_per_step=config.vision_layers_per_step,
-                   decode_graphs=compile_mode(config.compile, lm.device), hooks=hooks)
+        return cls(
+            lm.model,
+            lm.tokenizer,
+            max_batch_size=config.max_batch_size,
+            max_model_len=choose_max_model_len(lm, config),
+            max_queue=config.max_queue,
+            prefill_chunk=config.prefill_chunk,
+            vision_layers_per_step=config.vision_layers_per_step,
+            decode_graphs=compile_mode(config.compile, lm.device),
+            hooks=hooks,
+        )
 
     # ---- public API (any thread) ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -263,8 +271,9 @@ class Engine:
             return
         self._postprocess(seqs, *sample_rows(logits, [s.sampler for s in seqs]), first=False)
 
-    def _postprocess(self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None],
-                     first: bool) -> None:
+    def _postprocess(
+        self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None], first: bool
+    ) -> None:
         """Stream each row's token; a row that finished or failed leaves (failing ends that request alone)."""
         now = time.perf_counter()
         self._hook("first_token" if first else "token")

@@ -23,8 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch_size: int, max_model_len: int, prefill_chunk: int,
-                 vision_layers_per_step: int, decode_graphs: str | None, hooks: GenerationHooks | None = None):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int,
+        max_model_len: int,
+        prefill_chunk: int,
+        vision_layers_per_step: int,
+        decode_graphs: str | None,
+        hooks: GenerationHooks | None = None,
+    ):
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
@@ -37,8 +45,11 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.compile_error: str | None = None
         c = model.config
-        self.kv_cache_bytes = max_batch_size * max_model_len * KVCache.bytes_per_token(
-            c.num_layers, c.num_kv_heads, c.head_dim, model.embed_dtype)
+        self.kv_cache_bytes = (
+            max_batch_size
+            * max_model_len
+            * KVCache.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, model.embed_dtype)
+        )
 
     # ---- start ----------------------------------------------------------------------------------------------
     def allocate(self) -> None:

@@ -47,8 +47,9 @@ def chat(base_url: str, api_key: str | None, payload: dict, stream: bool) -> tup
     body = {**payload, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
-    r = requests.post(f"{base_url.rstrip('/')}/chat/completions", json=body, headers=headers, stream=stream,
-                      timeout=600)
+    r = requests.post(
+        f"{base_url.rstrip('/')}/chat/completions", json=body, headers=headers, stream=stream, timeout=600
+    )
     if r.status_code != 200:
         error = r.json().get("error", {})
         raise SystemExit(f"HTTP {r.status_code} ({error.get('code')}): {error.get('message')}")
@@ -62,7 +63,7 @@ def chat(base_url: str, api_key: str | None, payload: dict, stream: bool) -> tup
     for line in r.iter_lines(decode_unicode=True):
         if not line or not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             break
         event = json.loads(data)
@@ -90,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=256)
     args = p.parse_args(argv)
 
-    sampling = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0.4, "top_p": 0.8,
-                "presence_penalty": 1.2}
-    answer, usage = chat(args.base_url, args.api_key,
-                         {**sampling, "messages": build_messages(args.question, args.image, None, None)}, args.stream)
+    sampling = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "temperature": 0.4,
+        "top_p": 0.8,
+        "presence_penalty": 1.2,
+    }
+    answer, usage = chat(
+        args.base_url,
+        args.api_key,
+        {**sampling, "messages": build_messages(args.question, args.image, None, None)},
+        args.stream,
+    )
     if args.follow_up:
         messages = build_messages(args.question, args.image, args.follow_up, answer)
         _, usage = chat(args.base_url, args.api_key, {**sampling, "messages": messages}, args.stream)

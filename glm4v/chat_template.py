@@ -1,4 +1,4 @@
-"""GLM-4V chat template (spec §6), producing token ids directly.
+"""GLM-4V chat template (docs/MODEL.md §6), producing token ids directly.
 
     [gMASK] <sop> <|user|> "\\n" [<|begin_of_image|> <|endoftext|> <|end_of_image|>] question <|assistant|>
 
@@ -42,9 +42,7 @@ class TemplateError(ValueError):
     pass
 
 
-def build_prompt(
-    tokenizer: GLM4Tokenizer, messages: list[Message], add_generation_prompt: bool = True
-) -> Prompt:
+def build_prompt(tokenizer: GLM4Tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> Prompt:
     tok = tokenizer.token_id
     ids = [tok("[gMASK]"), tok("<sop>")]
     image_message = None

@@ -89,7 +89,8 @@ def weight_files(model_dir: Path) -> list[Path]:
     pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
     if pickles:
         raise CheckpointError(
-            f"{model_dir} holds only PyTorch pickle weights ({', '.join(pickles[:3])}{'…' if len(pickles) > 3 else ''}). "
+            f"{model_dir} holds only PyTorch pickle weights "
+            f"({', '.join(pickles[:3])}{'…' if len(pickles) > 3 else ''}). "
             "Pickles can run arbitrary code when loaded, so glm4v-edge reads safetensors only; download the "
             "safetensors files of THUDM/glm-4v-9b (or convert the pickles in a trusted environment)."
         )

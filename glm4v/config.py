@@ -51,7 +51,7 @@ class VisionConfig:
 
 
 class ChatGLMConfig(PreTrainedConfig):
-    """The official GLM-4V-9B ``config.json``; defaults are the released model's values (spec §1)."""
+    """The official GLM-4V-9B ``config.json``; defaults are the released model's values (docs/MODEL.md §1)."""
 
     model_type = "chatglm"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -137,21 +137,29 @@ class ChatGLMConfig(PreTrainedConfig):
                 f"({self.kv_channels})"
             )
         if self.num_attention_heads % self.num_kv_heads:
-            problems.append(f"num_attention_heads {self.num_attention_heads} not divisible by KV groups {self.num_kv_heads}")
+            problems.append(
+                f"num_attention_heads {self.num_attention_heads} not divisible by KV groups {self.num_kv_heads}"
+            )
         if self.kv_channels % 4:
             problems.append(f"kv_channels {self.kv_channels} must be divisible by 4 (RoPE on half the head, in pairs)")
         if not self.original_rope:
-            problems.append("original_rope=false (the non-interleaved ChatGLM2 RoPE) is not GLM-4V and is not supported")
+            problems.append(
+                "original_rope=false (the non-interleaved ChatGLM2 RoPE) is not GLM-4V and is not supported"
+            )
         if not self.rmsnorm or not self.post_layer_norm or self.apply_residual_connection_post_layernorm:
-            problems.append("only rmsnorm=true, post_layer_norm=true, apply_residual_connection_post_layernorm=false "
-                            "(the GLM-4V-9B layout) are supported")
+            problems.append(
+                "only rmsnorm=true, post_layer_norm=true, apply_residual_connection_post_layernorm=false "
+                "(the GLM-4V-9B layout) are supported"
+            )
         if self.pre_seq_len:
             problems.append("prefix tuning (pre_seq_len) is not supported")
         v = self.vision
         if v.image_size % (2 * v.patch_size):
             problems.append(f"vision image_size {v.image_size} must be a multiple of 2×patch_size ({2 * v.patch_size})")
         if v.num_positions != v.grid_size**2 + 1:
-            problems.append(f"vision num_positions {v.num_positions} != (image_size/patch_size)²+1 = {v.grid_size**2 + 1}")
+            problems.append(
+                f"vision num_positions {v.num_positions} != (image_size/patch_size)²+1 = {v.grid_size**2 + 1}"
+            )
         if v.hidden_size % v.num_heads:
             problems.append(f"vision hidden_size {v.hidden_size} not divisible by num_heads {v.num_heads}")
         for name in ("boi_token_id", "eoi_token_id", "pad_token_id"):

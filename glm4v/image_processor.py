@@ -1,4 +1,4 @@
-"""Image preprocessing for GLM-4V (spec §5), without torchvision.
+"""Image preprocessing for GLM-4V (docs/MODEL.md §5), without torchvision.
 
 An image in an accepted format → EXIF orientation applied → RGB → bicubic stretch to N×N (no crop, no padding,
 aspect ratio not kept, exactly as the reference) → [0, 1] → CLIP mean/std → float32 tensor (3, N, N).

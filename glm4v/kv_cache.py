@@ -3,7 +3,7 @@
 GLM-4V's cache is small (2 KV groups × 128 dims × 40 layers: 40 KiB per token in bf16), so one buffer of
 ``[layers, rows, kv_heads, max_len, head_dim]`` for keys and one for values is allocated once and never grown.
 
-Two counters are kept per row, because an image makes them differ (spec §4.5):
+Two counters are kept per row, because an image makes them differ (docs/MODEL.md §4.5):
 
 * ``lengths[row]`` — how many cache entries (storage slots) are filled. An image adds (N/28)² + 2 entries.
 * ``next_positions[row]`` — the RoPE position the next token gets. All image patches share one position, so an

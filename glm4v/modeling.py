@@ -1,4 +1,4 @@
-"""GLM-4V-9B: the GLM-4 language model with the EVA2-CLIP image splice (spec §3–§4).
+"""GLM-4V-9B: the GLM-4 language model with the EVA2-CLIP image splice (docs/MODEL.md §3–§4).
 
 A native ``transformers.PreTrainedModel`` (no ``trust_remote_code``) whose module tree reproduces the checkpoint's
 key names (``transformer.encoder.layers.N.self_attention.query_key_value.weight`` ...), so ``from_pretrained``
@@ -263,7 +263,7 @@ class ChatGLMForConditionalGeneration(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with each sample's image spliced in; positions expanded to match (spec §4.5).
+        """Token embeddings with each sample's image spliced in; positions expanded to match (docs/MODEL.md §4.5).
 
         input_ids, position_ids (B, S) → embeds (B, S', H), position_ids (B, S'). With an image every sample must
         hold exactly one ``boi, placeholder, eoi`` triple, so all samples expand by the same amount.
@@ -279,7 +279,9 @@ class ChatGLMForConditionalGeneration(PreTrainedModel):
         for i in range(input_ids.shape[0]):
             b = find_image_span(input_ids[i], self.config.boi_token_id, self.config.eoi_token_id)
             if b is None:
-                raise ValueError(f"sequence {i} has an image but no <|begin_of_image|> token (id {self.config.boi_token_id})")
+                raise ValueError(
+                    f"sequence {i} has an image but no <|begin_of_image|> token (id {self.config.boi_token_id})"
+                )
             e, p = splice_image(embeds[i], position_ids[i], b, image_embeds[i])
             rows.append(e)
             pos_rows.append(p)
@@ -336,9 +338,10 @@ class ChatGLMForConditionalGeneration(PreTrainedModel):
         bsz, seqlen = input_ids.shape
         if position_ids is None:
             start = cache.next_positions[cache_row : cache_row + bsz] if cache is not None else [0] * bsz
-            position_ids = torch.arange(seqlen, device=input_ids.device)[None, :] + torch.tensor(
-                start, device=input_ids.device
-            )[:, None]
+            position_ids = (
+                torch.arange(seqlen, device=input_ids.device)[None, :]
+                + torch.tensor(start, device=input_ids.device)[:, None]
+            )
             next_positions = [p + seqlen for p in start]  # known on the host: no device sync per step
         else:
             position_ids = position_ids.to(input_ids.device)

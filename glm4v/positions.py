@@ -1,4 +1,4 @@
-"""The image splice and GLM-4V's compressed position ids (spec §4.5).
+"""The image splice and GLM-4V's compressed position ids (docs/MODEL.md §4.5).
 
 In ``input_ids`` an image is three tokens: ``<|begin_of_image|> <|endoftext|> <|end_of_image|>``. The model
 replaces those three embeddings with the vision tower's output (boi vector, P patch vectors, eoi vector) and gives

@@ -191,7 +191,7 @@ def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> tuple[list[int
         tokens = _sample_on_device(logits, samplers, errors).tolist()
     except Exception as e:
         return [INVALID_TOKEN] * len(samplers), [e] * len(samplers)
-    for i, (s, t) in enumerate(zip(samplers, tokens)):
+    for i, (s, t) in enumerate(zip(samplers, tokens, strict=True)):
         if errors[i] is None and t == INVALID_TOKEN:
             errors[i] = NumericalError("the model produced non-finite logits for this sequence (numerical overflow)")
         if errors[i] is None:

@@ -25,6 +25,7 @@ import torch
 
 from .kv_cache import KVCache
 
+
 def kv_windows(max_len: int, step: int | None = None) -> list[int]:
     """Attention window lengths: multiples of ``step`` (default an eighth of ``max_len``, at least 256), then
     ``max_len``."""

@@ -22,15 +22,33 @@ from .tokenizer import SPECIAL_TOKENS, write_rank_file
 PRESETS = {
     # Every dimension a multiple of 32 (bitsandbytes' 4-bit CPU kernels need out_features % 32 == 0).
     "tiny": dict(
-        num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_group_num=2,
-        ffn_hidden_size=128, vision_hidden_size=64, vision_heads=2, vision_intermediate_size=128, vision_layers=2,
-        image_size=112, n_ranks=1000,
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        kv_channels=16,
+        multi_query_group_num=2,
+        ffn_hidden_size=128,
+        vision_hidden_size=64,
+        vision_heads=2,
+        vision_intermediate_size=128,
+        vision_layers=2,
+        image_size=112,
+        n_ranks=1000,
     ),
     # Big enough that matmuls dominate on a CPU: for benchmarks (docs/PERFORMANCE.md, docs/PROFILING.md).
     "mid": dict(
-        num_layers=8, hidden_size=1024, num_attention_heads=8, kv_channels=128, multi_query_group_num=2,
-        ffn_hidden_size=2816, vision_hidden_size=512, vision_heads=8, vision_intermediate_size=2048, vision_layers=4,
-        image_size=448, n_ranks=4000,
+        num_layers=8,
+        hidden_size=1024,
+        num_attention_heads=8,
+        kv_channels=128,
+        multi_query_group_num=2,
+        ffn_hidden_size=2816,
+        vision_hidden_size=512,
+        vision_heads=8,
+        vision_intermediate_size=2048,
+        vision_layers=4,
+        image_size=448,
+        n_ranks=4000,
     ),
 }
 
@@ -66,7 +84,7 @@ def train_ranks(n_ranks: int, corpus: str = _CORPUS) -> dict[bytes, int]:
     while len(ranks) < n_ranks:
         pairs = collections.Counter()
         for w, seq in seqs.items():
-            for a, b in zip(seq, seq[1:]):
+            for a, b in zip(seq, seq[1:], strict=False):
                 pairs[a, b] += words[w]
         if not pairs:
             break
@@ -99,7 +117,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def make_config(preset: str = "tiny", image_size: int | None = None, **overrides) -> dict:
-    """A ``config.json`` dict with every field of the official file (spec §1), at the preset's sizes."""
+    """A ``config.json`` dict with every field of the official file (docs/MODEL.md §1), at the preset's sizes."""
     p = dict(PRESETS[preset])
     p.update({k: v for k, v in overrides.items() if v is not None})
     if image_size is not None:

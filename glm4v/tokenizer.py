@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tiktoken
 
-# cl100k's split regex, which GLM-4 uses unchanged (spec §7).
+# cl100k's split regex, which GLM-4 uses unchanged (docs/MODEL.md §7).
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
     r"\s+(?!\S)|\s+"

@@ -1,4 +1,4 @@
-"""EVA2-CLIP vision tower and GLU projector of GLM-4V-9B (spec §4.1–4.4).
+"""EVA2-CLIP vision tower and GLU projector of GLM-4V-9B (docs/MODEL.md §4.1–4.4).
 
 Module and parameter names follow the checkpoint (``transformer.vision.*``) so the official safetensors load
 unchanged. Two quirks of the reference are kept on purpose:

@@ -47,8 +47,12 @@ def run(args) -> int:
             print(f"error: {args.image}: {e}", file=sys.stderr)
             return 1
     params = SamplingParams(
-        max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
     )
     reason = None
     with torch.inference_mode():

@@ -12,8 +12,12 @@ def add_arguments(p) -> None:
     from glm4v.tiny import PRESETS
 
     p.add_argument("dir", help="output folder (created)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny: hidden 64, 2 layers (tests); mid: hidden 1024, 8 layers (CPU benchmarks)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="tiny: hidden 64, 2 layers (tests); mid: hidden 1024, 8 layers (CPU benchmarks)",
+    )
     p.add_argument("--image-size", type=int, help="vision image_size (a multiple of 28; tiny default 112)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors shards + index")
@@ -26,8 +30,13 @@ def run(args) -> int:
     from glm4v.tiny import write_checkpoint
 
     out = write_checkpoint(
-        args.dir, preset=args.preset, image_size=args.image_size, seed=args.seed, shards=args.shards,
-        num_layers=args.num_layers, vision_layers=args.vision_layers,
+        args.dir,
+        preset=args.preset,
+        image_size=args.image_size,
+        seed=args.seed,
+        shards=args.shards,
+        num_layers=args.num_layers,
+        vision_layers=args.vision_layers,
     )
     info = inspect_checkpoint(out)
     print(f"wrote {out}: {info.num_parameters:,} parameters in {len(info.weight_files)} safetensors file(s)")

@@ -54,14 +54,40 @@ def add_model_arguments(parser: argparse.ArgumentParser, env: bool = True, preci
     from quant import PRECISIONS  # no torch import: keeps --help fast
 
     add(parser, "--model", env=env, help="GLM-4V-9B checkpoint folder; none = the built-in tiny demo (random)")
-    add(parser, "--precision", env=env, default=precision_default,
-        choices=("auto",) + PRECISIONS, help="language-model precision")
-    add(parser, "--vision-precision", env=env, choices=PRECISIONS,
-        help="vision tower precision (default: same as --precision)")
-    add(parser, "--compute-dtype", env=env, choices=("bf16", "fp16", "fp32"),
-        help="activation dtype for bitsandbytes layers (default bf16, fp16 on GPUs without bf16)")
-    add(parser, "--no-double-quant", env=env, action="store_true",
-        help="4-bit: keep absmax statistics in fp32 instead of quantizing them")
-    add(parser, "--vision-size", env=env, type=int,
-        help="vision resolution, a multiple of 28 from 224 to 1120 (default: the checkpoint's 1120)")
+    add(
+        parser,
+        "--precision",
+        env=env,
+        default=precision_default,
+        choices=("auto",) + PRECISIONS,
+        help="language-model precision",
+    )
+    add(
+        parser,
+        "--vision-precision",
+        env=env,
+        choices=PRECISIONS,
+        help="vision tower precision (default: same as --precision)",
+    )
+    add(
+        parser,
+        "--compute-dtype",
+        env=env,
+        choices=("bf16", "fp16", "fp32"),
+        help="activation dtype for bitsandbytes layers (default bf16, fp16 on GPUs without bf16)",
+    )
+    add(
+        parser,
+        "--no-double-quant",
+        env=env,
+        action="store_true",
+        help="4-bit: keep absmax statistics in fp32 instead of quantizing them",
+    )
+    add(
+        parser,
+        "--vision-size",
+        env=env,
+        type=int,
+        help="vision resolution, a multiple of 28 from 224 to 1120 (default: the checkpoint's 1120)",
+    )
     add(parser, "--device", env=env, help="cuda, cuda:1 or cpu (default: cuda when available)")

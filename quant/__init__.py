@@ -38,5 +38,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PRECISIONS", "LoadRequest", "LoadedModel", "PrecisionSpec", "default_device", "load", "open_model",
-           "weight_bytes"]
+__all__ = [
+    "PRECISIONS",
+    "LoadRequest",
+    "LoadedModel",
+    "PrecisionSpec",
+    "default_device",
+    "load",
+    "open_model",
+    "weight_bytes",
+]

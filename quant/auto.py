@@ -27,8 +27,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def choose_precision(
-    model: str | Path | ChatGLMConfig, device: str | torch.device, vision_size: int | None = None,
-    context: int = 2048, batch: int = 1,
+    model: str | Path | ChatGLMConfig,
+    device: str | torch.device,
+    vision_size: int | None = None,
+    context: int = 2048,
+    batch: int = 1,
 ) -> tuple[str, str]:
     """(precision, human-readable reason) for a checkpoint folder or a config."""
     device = torch.device(device)

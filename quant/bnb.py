@@ -31,15 +31,24 @@ def quantized_linear(linear: nn.Linear, precision: str, spec: PrecisionSpec, dev
     bias = linear.bias
     if precision == "int8":
         new = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias is not None,
-            has_fp16_weights=False, threshold=spec.int8_threshold, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias is not None,
+            has_fp16_weights=False,
+            threshold=spec.int8_threshold,
+            device="meta",
         )
         # bitsandbytes quantizes Int8Params only on a move *from* the CPU (transformers' loader does the same).
         new.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     elif precision in ("nf4", "fp4"):
         new = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias is not None,
-            compute_dtype=spec.dtype, compress_statistics=spec.double_quant, quant_type=precision, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias is not None,
+            compute_dtype=spec.dtype,
+            compress_statistics=spec.double_quant,
+            quant_type=precision,
+            device="meta",
         )
         new.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, quant_type=precision, compress_statistics=spec.double_quant, module=new
@@ -68,7 +77,7 @@ def quantize_linears(
 
 
 def fix_cpu_4bit_layers(model: nn.Module) -> int:
-    """Work around bitsandbytes' CPU 4-bit repacking (cpu-notes bug A), which needs out_features % 32 == 0 and
+    """Work around bitsandbytes' CPU 4-bit repacking (docs/MODEL.md §8.5), which needs out_features % 32 == 0 and
     in_features % blocksize (64) == 0.
 
     Affected layers fall back to the unpacked CPU kernel (about 2× slower, same results). Real GLM-4V layers all

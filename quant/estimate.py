@@ -47,8 +47,14 @@ def linear_layers(config: ChatGLMConfig) -> list[LinearSpec]:
         qkv_bias = c.add_bias_linear or c.add_qkv_bias
         out += [
             LinearSpec("lm_linears", f"{pre}.self_attention.query_key_value", h, qkv_out, qkv_bias, "lm"),
-            LinearSpec("lm_linears", f"{pre}.self_attention.dense", c.num_attention_heads * c.head_dim, h,
-                       c.add_bias_linear, "lm"),
+            LinearSpec(
+                "lm_linears",
+                f"{pre}.self_attention.dense",
+                c.num_attention_heads * c.head_dim,
+                h,
+                c.add_bias_linear,
+                "lm",
+            ),
             LinearSpec("lm_linears", f"{pre}.mlp.dense_h_to_4h", h, 2 * f, c.add_bias_linear, "lm"),
             LinearSpec("lm_linears", f"{pre}.mlp.dense_4h_to_h", f, h, c.add_bias_linear, "lm"),
         ]
@@ -56,7 +62,9 @@ def linear_layers(config: ChatGLMConfig) -> list[LinearSpec]:
     for j in range(v.num_hidden_layers):
         pre = f"transformer.vision.transformer.layers.{j}"
         out += [
-            LinearSpec("vision_linears", f"{pre}.attention.query_key_value", v.hidden_size, 3 * v.hidden_size, True, "vision"),
+            LinearSpec(
+                "vision_linears", f"{pre}.attention.query_key_value", v.hidden_size, 3 * v.hidden_size, True, "vision"
+            ),
             LinearSpec("vision_linears", f"{pre}.attention.dense", v.hidden_size, v.hidden_size, True, "vision"),
             LinearSpec("vision_linears", f"{pre}.mlp.fc1", v.hidden_size, v.intermediate_size, True, "vision"),
             LinearSpec("vision_linears", f"{pre}.mlp.fc2", v.intermediate_size, v.hidden_size, True, "vision"),
@@ -91,7 +99,7 @@ def other_tensors(config: ChatGLMConfig) -> list[tuple[str, int, str]]:
 
 
 def parameter_count(config: ChatGLMConfig) -> int:
-    n = sum(l.in_features * l.out_features + (l.out_features if l.bias else 0) for l in linear_layers(config))
+    n = sum(lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in linear_layers(config))
     return n + sum(numel for _, numel, _ in other_tensors(config))
 
 
@@ -213,8 +221,17 @@ def estimate(
     vision_size = vision_size or v.image_size
 
     weights = dict.fromkeys(
-        ("lm_head", "embeddings", "lm_linears", "lm_norms", "vision_linears", "vision_other", "projector",
-         "quant_state"), 0
+        (
+            "lm_head",
+            "embeddings",
+            "lm_linears",
+            "lm_norms",
+            "vision_linears",
+            "vision_other",
+            "projector",
+            "quant_state",
+        ),
+        0,
     )
     for lin in linear_layers(c):
         if lin.side == "lm":
@@ -296,8 +313,15 @@ def max_context_that_fits(
     memory left after the weights are loaded — while keeping room for the activation peak of a ``prefill_tokens``
     prefill chunk or of the vision encoder, and ``headroom_bytes`` for allocator fragmentation. Capped at the
     config's ``seq_length``; 0 when nothing fits."""
-    est = estimate(config, precision=precision, vision_precision=vision_precision, vision_size=vision_size,
-                   context=prefill_tokens, prompt_tokens=prefill_tokens, compute_dtype=compute_dtype)
+    est = estimate(
+        config,
+        precision=precision,
+        vision_precision=vision_precision,
+        vision_size=vision_size,
+        context=prefill_tokens,
+        prompt_tokens=prefill_tokens,
+        compute_dtype=compute_dtype,
+    )
     budget = free_bytes - est.activation_peak_bytes - headroom_bytes
     tokens = budget // (est.kv_cache_bytes_per_token * batch) if budget > 0 else 0
     return int(min(config.seq_length, tokens))

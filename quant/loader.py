@@ -139,8 +139,15 @@ def load(
     model_dir = Path(model_dir)
     info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
     device, spec, vision_size = resolve_request(
-        info.config, device, vision_size, precision=precision, vision_precision=vision_precision,
-        compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
+        info.config,
+        device,
+        vision_size,
+        precision=precision,
+        vision_precision=vision_precision,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        quantize_lm_head=quantize_lm_head,
+    )
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
     quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)
@@ -172,7 +179,11 @@ def load(
     loaded.weight_bytes = weight_bytes(model)
     log.info(
         "loaded %s at %s on %s in %.1fs (%.2f GiB of weights)",
-        model_dir, spec.label(), device, loaded.load_s, loaded.weight_bytes["total"] / 2**30,
+        model_dir,
+        spec.label(),
+        device,
+        loaded.load_s,
+        loaded.weight_bytes["total"] / 2**30,
     )
     return loaded
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-log = logging.getLogger(__name__)
-
 from . import PRECISIONS
+
+log = logging.getLogger(__name__)
 
 FLOAT_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANT_PRECISIONS = {"int8": 8, "nf4": 4, "fp4": 4}
@@ -156,7 +156,11 @@ class PrecisionSpec:
     # ---- reporting ----------------------------------------------------------------------------------------
     def _part(self, p: str) -> dict:
         if p in FLOAT_PRECISIONS:
-            return {"method": "none", "bits": torch.finfo(FLOAT_PRECISIONS[p]).bits, "dtype": DTYPE_NAMES[FLOAT_PRECISIONS[p]]}
+            return {
+                "method": "none",
+                "bits": torch.finfo(FLOAT_PRECISIONS[p]).bits,
+                "dtype": DTYPE_NAMES[FLOAT_PRECISIONS[p]],
+            }
         d = {"method": "bitsandbytes", "bits": QUANT_PRECISIONS[p], "quant_type": "llm_int8" if p == "int8" else p}
         d["compute_dtype"] = DTYPE_NAMES[self.dtype]
         if p == "int8":
@@ -182,4 +186,8 @@ class PrecisionSpec:
         }
 
     def label(self) -> str:
-        return self.precision if self.vision_precision == self.precision else f"{self.precision}+vision-{self.vision_precision}"
+        return (
+            self.precision
+            if self.vision_precision == self.precision
+            else f"{self.precision}+vision-{self.vision_precision}"
+        )

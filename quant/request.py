@@ -48,11 +48,14 @@ class LoadRequest:
         """From the shared model flags (``--model --precision --vision-precision --compute-dtype --no-double-quant
         --vision-size --device``, and ``--synthetic`` where a command has it)."""
         values = dict(
-            model=getattr(args, "model", None), synthetic=getattr(args, "synthetic", None),
-            precision=getattr(args, "precision", "auto"), vision_precision=getattr(args, "vision_precision", None),
+            model=getattr(args, "model", None),
+            synthetic=getattr(args, "synthetic", None),
+            precision=getattr(args, "precision", "auto"),
+            vision_precision=getattr(args, "vision_precision", None),
             compute_dtype=getattr(args, "compute_dtype", None),
             double_quant=not getattr(args, "no_double_quant", False),
-            vision_size=getattr(args, "vision_size", None), device=getattr(args, "device", None),
+            vision_size=getattr(args, "vision_size", None),
+            device=getattr(args, "device", None),
         )
         values.update(overrides)
         return cls(**values)
@@ -96,8 +99,9 @@ class LoadRequest:
 
             config = config or self.config()
             context = self.context or min(config.seq_length, AUTO_CONTEXT)
-            precision, reason = choose_precision(config, device, vision_size=self.vision_size, context=context,
-                                                 batch=self.batch)
+            precision, reason = choose_precision(
+                config, device, vision_size=self.vision_size, context=context, batch=self.batch
+            )
             log.info("--precision auto → %s (%s)", precision, reason)
             request = replace(request, precision=precision)
         return request
@@ -110,9 +114,15 @@ class LoadRequest:
             raise ValueError("resolve --precision auto before estimating")
         kw.setdefault("context", self.context or min((config or self.config()).seq_length, AUTO_CONTEXT))
         kw.setdefault("batch", self.batch)
-        return estimate(config or self.config(), precision=self.precision, vision_precision=self.vision_precision,
-                        vision_size=self.vision_size, double_quant=self.double_quant,
-                        compute_dtype=self.compute_dtype, **kw)
+        return estimate(
+            config or self.config(),
+            precision=self.precision,
+            vision_precision=self.vision_precision,
+            vision_size=self.vision_size,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype,
+            **kw,
+        )
 
 
 def open_model(request: LoadRequest):
@@ -128,9 +138,14 @@ def open_model(request: LoadRequest):
         log.warning("--synthetic %s: RANDOM weights (real memory and speed, meaningless answers)", request.synthetic)
     config = request.config()
     request = request.resolve(config)
-    kw = dict(precision=request.precision, vision_precision=request.vision_precision, device=request.device,
-              vision_size=request.vision_size, compute_dtype=request.compute_dtype,
-              double_quant=request.double_quant)
+    kw = dict(
+        precision=request.precision,
+        vision_precision=request.vision_precision,
+        device=request.device,
+        vision_size=request.vision_size,
+        compute_dtype=request.compute_dtype,
+        double_quant=request.double_quant,
+    )
     if request.synthetic:
         from .synthetic import build
 

@@ -116,8 +116,15 @@ def build(
     if isinstance(config, str):
         config = synthetic_config(config)
     device, spec, vision_size = resolve_request(
-        config, device, vision_size, precision=precision, vision_precision=vision_precision,
-        compute_dtype=compute_dtype, double_quant=double_quant, quantize_lm_head=quantize_lm_head)
+        config,
+        device,
+        vision_size,
+        precision=precision,
+        vision_precision=vision_precision,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        quantize_lm_head=quantize_lm_head,
+    )
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # shapes only: no memory, no init cost
@@ -127,8 +134,11 @@ def build(
     n_quantized = 0
     # Names only: a list of the modules themselves would keep every replaced float Linear (and its weight) alive
     # until the end, and the peak would be the whole float model instead of one layer.
-    names = [n for n, m in model.named_modules()
-             if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+    ]
     for mname in names:
         module = model.get_submodule(mname)
         dtype = vision_dtype if mname.startswith(VISION) else lm_dtype
@@ -169,6 +179,11 @@ def build(
     loaded.weight_bytes = weight_bytes(model)
     log.info(
         "built synthetic %s at %s on %s in %.1fs (%d Linear layers quantized, %.2f GiB of weights)",
-        name, spec.label(), device, loaded.load_s, n_quantized, loaded.weight_bytes["total"] / 2**30,
+        name,
+        spec.label(),
+        device,
+        loaded.load_s,
+        n_quantized,
+        loaded.weight_bytes["total"] / 2**30,
     )
     return loaded

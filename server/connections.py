@@ -71,10 +71,20 @@ def connection_budget(requested: int, open_file_limit: int | None, open_now: int
 
 
 def _busy_response() -> bytes:
-    body = json.dumps({"error": {"message": "the server has too many open connections; retry shortly",
-                                 "type": "server_error", "param": None, "code": "too_many_connections"}}).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "retry-after: 1\r\nconnection: close\r\n\r\n")
+    body = json.dumps(
+        {
+            "error": {
+                "message": "the server has too many open connections; retry shortly",
+                "type": "server_error",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "retry-after: 1\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -130,8 +140,11 @@ class GuardedH11Protocol(H11Protocol):
 
 def protocol(header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
     """A protocol class bound to these limits (uvicorn instantiates the class it is given)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout": header_timeout, "max_connections": max_connections})
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout": header_timeout, "max_connections": max_connections},
+    )
 
 
 class RateLimitFilter(logging.Filter):

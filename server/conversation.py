@@ -2,7 +2,8 @@
 
 Every role may carry a string or a content-part array (Open WebUI #13500, go-proxy-bingai#448 broke on servers that
 expected strings). Text parts of one message are joined with newlines. ``developer`` (the newer OpenAI name) is a
-system message. GLM-4V-9B was trained with one image per conversation (spec §6.2), so a second image is a 400 under
+system message. GLM-4V-9B was trained with one image per conversation (docs/MODEL.md §6.2), so a second image is a
+400 under
 the default ``--multi-image reject``; ``first`` keeps the first image and drops the rest.
 """
 
@@ -15,8 +16,13 @@ from glm4v import Message
 from .errors import BadRequest
 from .protocol import ChatMessage, ImageURL
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-         "observation": "observation"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "observation": "observation",
+}
 
 
 @dataclass
@@ -53,8 +59,10 @@ def build_conversation(messages: list[ChatMessage], multi_image: str = "reject")
         role = ROLES.get(m.role)
         if role is None:
             hint = " (GLM-4V-9B has no tool calling)" if m.role in ("tool", "function") else ""
-            raise BadRequest(f"messages.{i}: role {m.role!r} is not supported{hint}; use system, user or assistant",
-                             param=f"messages.{i}.role")
+            raise BadRequest(
+                f"messages.{i}: role {m.role!r} is not supported{hint}; use system, user or assistant",
+                param=f"messages.{i}.role",
+            )
         texts: list[str] = []
         has_image = False
         if isinstance(m.content, str):
@@ -75,11 +83,13 @@ def build_conversation(messages: list[ChatMessage], multi_image: str = "reject")
                     raise BadRequest(
                         f"{param}: GLM-4V-9B understands one image per conversation and this request holds more; "
                         f"send one image per conversation (the server's --multi-image policy is 'reject')",
-                        param=param, code="too_many_images",
+                        param=param,
+                        code="too_many_images",
                     )
             else:
-                raise BadRequest(f"{param}: content part type {part.type!r} is not supported (use text or image_url)",
-                                 param=param)
+                raise BadRequest(
+                    f"{param}: content part type {part.type!r} is not supported (use text or image_url)", param=param
+                )
         out.append(Message(role, "\n".join(texts), has_image=has_image))
     if not any(m.content or m.has_image for m in out):
         raise BadRequest("every message is empty", param="messages")

@@ -49,7 +49,7 @@ def host_name(header: str) -> str:
     ``example.lan``."""
     h = header.strip().lower()
     if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
+        return h[1 : h.find("]")] if "]" in h else h
     name, sep, port = h.rpartition(":")
     if sep and port.isdigit() and ":" not in name:
         h = name
@@ -78,10 +78,17 @@ class HostCheck:
             name = host_name(raw.decode("latin-1"))
             if not is_loopback_host(name) and name not in self.allowed:
                 shown = raw.decode("latin-1")[:100]
-                return await _reply(Forbidden(
-                    f"Host {shown!r} is not allowed: this server has no API key and listens on a loopback address, "
-                    "so it answers only localhost, 127.0.0.1 and [::1] (a defence against DNS rebinding). Add the "
-                    "name with --allowed-hosts, or set --api-key", code="host_not_allowed"), scope, receive, send)
+                return await _reply(
+                    Forbidden(
+                        f"Host {shown!r} is not allowed: this server has no API key and listens on a loopback address, "
+                        "so it answers only localhost, 127.0.0.1 and [::1] (a defence against DNS rebinding). Add the "
+                        "name with --allowed-hosts, or set --api-key",
+                        code="host_not_allowed",
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
         return await self.app(scope, receive, send)
 
 
@@ -94,10 +101,16 @@ class JsonOnly:
             ctype = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
             if ctype.split(";", 1)[0].strip().lower() != "application/json":
                 shown = ctype[:100] or "none"
-                return await _reply(UnsupportedMediaType(
-                    f"Content-Type must be application/json (got {shown!r}); with curl add "
-                    "-H 'Content-Type: application/json'. A server without an API key insists on it, so that web "
-                    "pages cannot post to it"), scope, receive, send)
+                return await _reply(
+                    UnsupportedMediaType(
+                        f"Content-Type must be application/json (got {shown!r}); with curl add "
+                        "-H 'Content-Type: application/json'. A server without an API key insists on it, so that web "
+                        "pages cannot post to it"
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
         return await self.app(scope, receive, send)
 
 
@@ -126,8 +139,9 @@ class BodyLimits:
                 async with asyncio.timeout(deadline - loop.time()):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g} s "
-                                  "(--body-timeout)") from None
+                raise BodyTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout)"
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -138,5 +152,6 @@ class BodyLimits:
         return await self.app(scope, limited_receive, send)
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes:,} bytes "
-                               "(--max-request-bytes)")
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {self.max_bytes:,} bytes (--max-request-bytes)"
+        )

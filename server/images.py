@@ -141,6 +141,7 @@ class ImageLoader:
     def read_file(self, url: str) -> bytes:
         if self.media_root is None:
             raise BadRequest("file:// image URLs are disabled on this server (see --allowed-local-media-path)")
+
         def invalid() -> BadRequest:
             return BadRequest("file:// URL is not a valid local path")
 
@@ -180,8 +181,12 @@ class ImageLoader:
     async def fetch(self, url: str) -> bytes:
         try:
             async with asyncio.timeout(self.fetch_timeout):
-                async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=self.fetch_timeout,
-                                             headers={"User-Agent": f"glm4v-edge/{__version__}"}) as client:
+                async with httpx.AsyncClient(
+                    follow_redirects=False,
+                    trust_env=False,
+                    timeout=self.fetch_timeout,
+                    headers={"User-Agent": f"glm4v-edge/{__version__}"},
+                ) as client:
                     for _ in range(self.max_redirects + 1):
                         target, headers, extensions = await self._pin(url)
                         async with client.stream("GET", target, headers=headers, extensions=extensions) as r:

@@ -26,8 +26,7 @@ def startup_warnings(settings: ServerSettings) -> list[str]:
     if settings.allow_private_urls:
         warnings.append("--allow-private-urls: image URLs may reach private services on this machine and network")
     if settings.allowed_host_list == ["*"] and not settings.api_key:
-        warnings.append("--allowed-hosts '*' without --api-key: web pages can reach this server through DNS "
-                        "rebinding")
+        warnings.append("--allowed-hosts '*' without --api-key: web pages can reach this server through DNS rebinding")
     if settings.cors_origin_list == ["*"] and not settings.api_key:
         warnings.append("--cors-origins '*' without --api-key: any web page the user opens can use the model")
     return warnings
@@ -72,12 +71,22 @@ def make_server(settings: ServerSettings, app):
     open_files = raise_open_file_limit()
     max_connections, backlog = connection_budget(settings.max_connections, open_files, open_descriptors())
     if max_connections < settings.max_connections:
-        log.warning("--max-connections %d lowered to %d: the open-file limit is %s (raise it with ulimit -n)",
-                    settings.max_connections, max_connections, open_files)
+        log.warning(
+            "--max-connections %d lowered to %d: the open-file limit is %s (raise it with ulimit -n)",
+            settings.max_connections,
+            max_connections,
+            open_files,
+        )
     rate_limit_accept_errors()
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            http=protocol(settings.header_timeout, max_connections), backlog=backlog,
-                            timeout_graceful_shutdown=settings.shutdown_timeout + 5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        http=protocol(settings.header_timeout, max_connections),
+        backlog=backlog,
+        timeout_graceful_shutdown=settings.shutdown_timeout + 5,
+    )
     server = GracefulServer(config)
     runtime.on_failure = lambda: setattr(server, "should_exit", True)
     return server
@@ -94,8 +103,12 @@ def run_server(settings: ServerSettings) -> int:
         log.warning(warning)
     app = create_app(settings)
     server = make_server(settings, app)
-    log.info("listening on http://%s:%d/v1 (model %s; /health answers 503 until it is loaded)",
-             settings.host, settings.port, ", ".join(settings.model_names))
+    log.info(
+        "listening on http://%s:%d/v1 (model %s; /health answers 503 until it is loaded)",
+        settings.host,
+        settings.port,
+        ", ".join(settings.model_names),
+    )
     server.run()
     runtime = app.state.runtime
     if runtime.state == "failed":

@@ -57,39 +57,73 @@ class Metrics:
         self.labels = {"model": model, "precision": precision}
         r, lab = self.registry, ("model", "precision")
         ProcessCollector(registry=r)
-        self.requests = Counter("glm4v_requests", "Chat completion requests answered, by HTTP status",
-                                lab + ("status",), registry=r)
-        self.finished = Counter("glm4v_request_finish", "Generations ended, by finish reason "
-                                "(stop, length, cancelled, timeout, error)", lab + ("finish_reason",), registry=r)
-        self.prompt_tokens = Counter("glm4v_prompt_tokens", "Prompt tokens processed (image embeddings included)",
-                                     lab, registry=r)
+        self.requests = Counter(
+            "glm4v_requests", "Chat completion requests answered, by HTTP status", lab + ("status",), registry=r
+        )
+        self.finished = Counter(
+            "glm4v_request_finish",
+            "Generations ended, by finish reason (stop, length, cancelled, timeout, error)",
+            lab + ("finish_reason",),
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "glm4v_prompt_tokens", "Prompt tokens processed (image embeddings included)", lab, registry=r
+        )
         self.generation_tokens = Counter("glm4v_generation_tokens", "Completion tokens generated", lab, registry=r)
-        self.ttft = Histogram("glm4v_time_to_first_token_seconds", "Arrival to first token (queue + prefill)",
-                              lab, buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("glm4v_time_per_output_token_seconds", "Time between consecutive tokens of a request",
-                              lab, buckets=_TOKEN_BUCKETS, registry=r)
-        self.queue_time = Histogram("glm4v_queue_time_seconds", "Time waiting for a batch slot", lab,
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("glm4v_e2e_request_latency_seconds", "Arrival to last token", lab,
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.waiting = Gauge("glm4v_requests_waiting", "Requests queued for a batch slot (queue depth)", lab,
-                             registry=r)
+        self.ttft = Histogram(
+            "glm4v_time_to_first_token_seconds",
+            "Arrival to first token (queue + prefill)",
+            lab,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "glm4v_time_per_output_token_seconds",
+            "Time between consecutive tokens of a request",
+            lab,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "glm4v_queue_time_seconds", "Time waiting for a batch slot", lab, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "glm4v_e2e_request_latency_seconds", "Arrival to last token", lab, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.waiting = Gauge(
+            "glm4v_requests_waiting", "Requests queued for a batch slot (queue depth)", lab, registry=r
+        )
         self.running = Gauge("glm4v_requests_running", "Requests decoding or prefilling", lab, registry=r)
-        self.queue_limit = Gauge("glm4v_queue_limit", "Waiting requests allowed before 429 (--max-queue)", lab,
-                                 registry=r)
+        self.queue_limit = Gauge(
+            "glm4v_queue_limit", "Waiting requests allowed before 429 (--max-queue)", lab, registry=r
+        )
         self.kv_cache = Gauge("glm4v_kv_cache_bytes", "Preallocated KV cache", lab, registry=r)
         self.weights = Gauge("glm4v_model_weight_bytes", "Model weights incl. quantization state", lab, registry=r)
-        self.vram = Gauge("glm4v_vram_bytes", "GPU memory (allocated/reserved/peak_allocated by torch; "
-                          "device_used/device_total by the driver)", lab + ("kind",), registry=r)
-        self.info = Gauge("glm4v_model_info", "Always 1; the labels describe what is served",
-                          lab + ("vision_precision", "device", "vision_size", "demo"), registry=r)
+        self.vram = Gauge(
+            "glm4v_vram_bytes",
+            "GPU memory (allocated/reserved/peak_allocated by torch; device_used/device_total by the driver)",
+            lab + ("kind",),
+            registry=r,
+        )
+        self.info = Gauge(
+            "glm4v_model_info",
+            "Always 1; the labels describe what is served",
+            lab + ("vision_precision", "device", "vision_size", "demo"),
+            registry=r,
+        )
         self._latency_ema: float | None = None
 
-    def set_model(self, precision: str, vision_precision: str, device: str, vision_size: int, demo: bool,
-                  weight_bytes: int) -> None:
+    def set_model(
+        self, precision: str, vision_precision: str, device: str, vision_size: int, demo: bool, weight_bytes: int
+    ) -> None:
         self.labels["precision"] = precision
-        self.info.labels(**self.labels, vision_precision=vision_precision, device=device,
-                         vision_size=str(vision_size), demo=str(demo).lower()).set(1)
+        self.info.labels(
+            **self.labels,
+            vision_precision=vision_precision,
+            device=device,
+            vision_size=str(vision_size),
+            demo=str(demo).lower(),
+        ).set(1)
         self.weights.labels(**self.labels).set(weight_bytes)
 
     def count_status(self, status: int) -> None:

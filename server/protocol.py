@@ -99,8 +99,9 @@ def check_size(data: dict, max_text_chars: int | None) -> None:
     if not isinstance(messages, list):
         return  # validation says what is wrong
     if len(messages) > MAX_MESSAGES:
-        raise BadRequest(f"messages holds {len(messages):,} messages; at most {MAX_MESSAGES:,} are accepted",
-                         param="messages")
+        raise BadRequest(
+            f"messages holds {len(messages):,} messages; at most {MAX_MESSAGES:,} are accepted", param="messages"
+        )
     chars = 0
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
@@ -108,13 +109,17 @@ def check_size(data: dict, max_text_chars: int | None) -> None:
             chars += len(content)
         elif isinstance(content, list):
             if len(content) > MAX_PARTS_PER_MESSAGE:
-                raise BadRequest(f"messages.{i}.content holds {len(content):,} parts; at most "
-                                 f"{MAX_PARTS_PER_MESSAGE} are accepted", param=f"messages.{i}.content")
+                raise BadRequest(
+                    f"messages.{i}.content holds {len(content):,} parts; at most {MAX_PARTS_PER_MESSAGE} are accepted",
+                    param=f"messages.{i}.content",
+                )
             chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     if max_text_chars is not None and chars > max_text_chars:
         raise ContextLengthExceeded(
             f"the messages hold {chars:,} characters of text, more than the model's context could hold "
-            f"(at most {max_text_chars:,} characters); please shorten them", param="messages")
+            f"(at most {max_text_chars:,} characters); please shorten them",
+            param="messages",
+        )
 
 
 def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
@@ -147,8 +152,9 @@ def unsupported_features(req: ChatCompletionRequest) -> None:
         raise BadRequest("logit_bias is not supported by this server", param="logit_bias")
     if req.tools or req.functions:
         if req.tool_choice != "none":
-            raise BadRequest("GLM-4V-9B does not support tool calls; remove 'tools' (or set tool_choice 'none')",
-                             param="tools")
+            raise BadRequest(
+                "GLM-4V-9B does not support tool calls; remove 'tools' (or set tool_choice 'none')", param="tools"
+            )
     elif req.tool_choice not in (None, "none", "auto"):
         raise BadRequest("tool_choice names a tool, but GLM-4V-9B does not support tool calls", param="tool_choice")
     if req.response_format and req.response_format.get("type", "text") != "text":
@@ -165,8 +171,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class AssistantMessage(BaseModel):
@@ -212,15 +221,39 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
-    def sse(self, include_usage: bool) -> str:
-        """One SSE event. ``usage`` is present (null, or filled on the usage chunk) only when the client asked for
-        ``include_usage``, and deltas carry only the keys they set — exactly what the OpenAI API sends."""
-        d = self.model_dump()
-        for c in d["choices"]:
-            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
-        if not include_usage:
-            del d["usage"]
-        return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+# ---- /v1/models -------------------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    """One ``/v1/models`` entry: OpenAI's fields, then what an operator needs to trust the setup (docs/SERVER.md)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "glm4v-edge"
+    root: str
+    parent: str | None = None
+    max_model_len: int
+    precision: str
+    vision_precision: str
+    dtype: str
+    quantization: dict[str, Any] | None
+    layers: dict[str, dict[str, int]]
+    vision_size: int
+    image_tokens: int
+    low_detail_vision_size: int
+    low_detail_image_tokens: int
+    device: str
+    weight_bytes: int | None
+    num_parameters: int | None
+    kv_cache_bytes: int
+    vram: dict[str, int] | None
+    max_batch_size: int
+    max_queue: int
+    compile: dict[str, Any] | None  # null without --compile
+    notes: list[str]
+    demo: bool
 
 
-SSE_DONE = "data: [DONE]\n\n"
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

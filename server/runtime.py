@@ -23,6 +23,7 @@ from quant.loader import check_vision_size
 from .errors import ServiceUnavailable
 from .images import ImageLoader
 from .metrics import Metrics, vram_snapshot
+from .protocol import ModelCard
 from .settings import ServerSettings
 from .version import __version__
 
@@ -45,8 +46,9 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
 
 
 class Runtime:
-    def __init__(self, settings: ServerSettings, metrics: Metrics, loaded: LoadedModel | Loader | None = None,
-                 hooks=None):
+    def __init__(
+        self, settings: ServerSettings, metrics: Metrics, loaded: LoadedModel | Loader | None = None, hooks=None
+    ):
         self.settings = settings
         self.metrics = metrics
         self.hooks = hooks
@@ -81,17 +83,30 @@ class Runtime:
             self.demo = lm.demo
             self.low_detail_size = low_detail_size(s.low_detail_size, lm.vision_size, lm.config.vision.image_size)
             if self.low_detail_size != s.low_detail_size:
-                log.info("--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size,
-                         self.low_detail_size)
+                log.info(
+                    "--low-detail-size %d → %d (what this checkpoint allows)", s.low_detail_size, self.low_detail_size
+                )
             self.engine = Engine.for_model(lm, s.engine_config(), hooks=self.hooks).start()
-            self.metrics.set_model(lm.spec.label(), lm.spec.vision_precision, device_name(lm.device),
-                                   lm.vision_size, self.demo, lm.weight_bytes.get("total", 0))
+            self.metrics.set_model(
+                lm.spec.label(),
+                lm.spec.vision_precision,
+                device_name(lm.device),
+                lm.vision_size,
+                self.demo,
+                lm.weight_bytes.get("total", 0),
+            )
             self.description = lm.describe()  # walks every module: once, not per /v1/models call
             self.created = int(time.time())
             self.state = "ready"
-            log.log(logging.WARNING if self.demo else logging.INFO, "ready: %s at %s on %s, max_model_len %d%s",
-                    ", ".join(s.model_names), lm.spec.label(), device_name(lm.device), self.engine.max_model_len,
-                    " — TINY DEMO CHECKPOINT, ANSWERS ARE RANDOM" if self.demo else "")
+            log.log(
+                logging.WARNING if self.demo else logging.INFO,
+                "ready: %s at %s on %s, max_model_len %d%s",
+                ", ".join(s.model_names),
+                lm.spec.label(),
+                device_name(lm.device),
+                self.engine.max_model_len,
+                " — TINY DEMO CHECKPOINT, ANSWERS ARE RANDOM" if self.demo else "",
+            )
         except Exception as e:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
@@ -119,8 +134,9 @@ class Runtime:
         if self.state == "ready":
             return
         if self.state == "loading":
-            raise ServiceUnavailable("the model is still loading; retry shortly", code="model_loading",
-                                     headers={"Retry-After": "5"})
+            raise ServiceUnavailable(
+                "the model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"}
+            )
         if self.state == "stopping":
             raise ServiceUnavailable("the server is shutting down", code="shutting_down")
         raise ServiceUnavailable("the model failed to load; see the server log", code="model_load_failed")
@@ -128,8 +144,13 @@ class Runtime:
     def _compile_ignored(self) -> dict | None:
         if self.settings.compile == "off":
             return None
-        return {"mode": self.settings.compile, "active": False, "batch_buckets": [], "warmup_s": None,
-                "error": f"ignored on {self.loaded.device.type}: the compiled decode step is slower there"}
+        return {
+            "mode": self.settings.compile,
+            "active": False,
+            "batch_buckets": [],
+            "warmup_s": None,
+            "error": f"ignored on {self.loaded.device.type}: the compiled decode step is slower there",
+        }
 
     @property
     def max_prompt_chars(self) -> int:
@@ -142,32 +163,31 @@ class Runtime:
         label = self.loaded.spec.label() if self.loaded else self.settings.precision
         return f"glm4v-edge-{__version__}-{label}"
 
-    def model_cards(self) -> list[dict]:
-        """/v1/models entries: the OpenAI fields plus what an operator needs to trust the setup."""
-        lm, eng, s, d = self.loaded, self.engine, self.settings, self.description
-        facts = {
-            "owned_by": "glm4v-edge",
-            "root": Path(lm.model_dir).name,
-            "parent": None,
-            "max_model_len": eng.max_model_len,
-            "precision": d["precision"],
-            "vision_precision": d["vision_precision"],
-            "dtype": d["dtype"],
-            "quantization": d["quantization"],
-            "layers": d["layers"],
-            "vision_size": d["vision_size"],
-            "image_tokens": d["image_tokens"],
-            "low_detail_vision_size": self.low_detail_size,
-            "low_detail_image_tokens": lm.image_tokens(self.low_detail_size),
-            "device": device_name(lm.device),
-            "weight_bytes": d["weight_bytes"],
-            "num_parameters": d["num_parameters"],
-            "kv_cache_bytes": eng.stats().kv_cache_bytes,
-            "vram": vram_snapshot(lm.device),
-            "max_batch_size": eng.max_batch_size,
-            "max_queue": eng.max_queue,
-            "compile": eng.compile_status() or self._compile_ignored(),
-            "notes": d["notes"],
-            "demo": self.demo,
-        }
-        return [{"id": name, "object": "model", "created": self.created, **facts} for name in s.model_names]
+    def model_cards(self) -> list[ModelCard]:
+        """/v1/models entries, one per served name: the OpenAI fields plus what an operator needs to trust the
+        setup."""
+        lm, eng, d = self.loaded, self.engine, self.description
+        facts = dict(
+            root=Path(lm.model_dir).name,
+            max_model_len=eng.max_model_len,
+            precision=d["precision"],
+            vision_precision=d["vision_precision"],
+            dtype=d["dtype"],
+            quantization=d["quantization"],
+            layers=d["layers"],
+            vision_size=d["vision_size"],
+            image_tokens=d["image_tokens"],
+            low_detail_vision_size=self.low_detail_size,
+            low_detail_image_tokens=lm.image_tokens(self.low_detail_size),
+            device=device_name(lm.device),
+            weight_bytes=d["weight_bytes"],
+            num_parameters=d["num_parameters"],
+            kv_cache_bytes=eng.stats().kv_cache_bytes,
+            vram=vram_snapshot(lm.device),
+            max_batch_size=eng.max_batch_size,
+            max_queue=eng.max_queue,
+            compile=eng.compile_status() or self._compile_ignored(),
+            notes=d["notes"],
+            demo=self.demo,
+        )
+        return [ModelCard(id=name, created=self.created, **facts) for name in self.settings.model_names]

@@ -63,14 +63,25 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.api_key is not None:
             if not self.api_key.strip():
-                raise ValueError("the API key (--api-key / GLM4V_API_KEY) is set but empty: set a real key, or "
-                                 "unset the variable to serve without authentication")
+                raise ValueError(
+                    "the API key (--api-key / GLM4V_API_KEY) is set but empty: set a real key, or "
+                    "unset the variable to serve without authentication"
+                )
             self.api_key = self.api_key.strip()  # clients' tokens are compared stripped
         if self.multi_image not in MULTI_IMAGE_POLICIES:
             raise ValueError(f"multi_image must be one of {MULTI_IMAGE_POLICIES}, not {self.multi_image!r}")
-        for name in ("max_batch_size", "max_queue", "prefill_chunk", "vision_layers_per_step", "default_max_tokens",
-                     "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_connections",
-                     "max_preparing"):
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "prefill_chunk",
+            "vision_layers_per_step",
+            "default_max_tokens",
+            "max_request_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_connections",
+            "max_preparing",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.compile not in COMPILE_CHOICES:
@@ -87,17 +98,30 @@ class ServerSettings:
         modest 2048 tokens per sequence)."""
         from quant.request import LoadRequest
 
-        return LoadRequest(model=self.model, synthetic=self.synthetic, precision=self.precision,
-                           vision_precision=self.vision_precision, compute_dtype=self.compute_dtype,
-                           double_quant=self.double_quant, vision_size=self.vision_size, device=self.device,
-                           context=self.max_model_len, batch=self.max_batch_size)
+        return LoadRequest(
+            model=self.model,
+            synthetic=self.synthetic,
+            precision=self.precision,
+            vision_precision=self.vision_precision,
+            compute_dtype=self.compute_dtype,
+            double_quant=self.double_quant,
+            vision_size=self.vision_size,
+            device=self.device,
+            context=self.max_model_len,
+            batch=self.max_batch_size,
+        )
 
     def engine_config(self):
         from engine import EngineConfig
 
-        return EngineConfig(max_batch_size=self.max_batch_size, max_model_len=self.max_model_len,
-                            max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
-                            vision_layers_per_step=self.vision_layers_per_step, compile=self.compile)
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_model_len=self.max_model_len,
+            max_queue=self.max_queue,
+            prefill_chunk=self.prefill_chunk,
+            vision_layers_per_step=self.vision_layers_per_step,
+            compile=self.compile,
+        )
 
     @property
     def model_names(self) -> list[str]:

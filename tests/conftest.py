@@ -41,8 +41,9 @@ def load_tiny(tiny_dir):
     def _load(precision="fp32", vision_precision=None, **kw):
         key = (precision, vision_precision, tuple(sorted(kw.items())))
         if key not in _loaded:
-            _loaded[key] = quant.load(tiny_dir, precision=precision, vision_precision=vision_precision,
-                                      device="cpu", **kw)
+            _loaded[key] = quant.load(
+                tiny_dir, precision=precision, vision_precision=vision_precision, device="cpu", **kw
+            )
         return _loaded[key]
 
     return _load
@@ -85,7 +86,7 @@ class _ImageHandler(SimpleHTTPRequestHandler):
     def do_GET(self):
         if self.path.startswith("/redirect/"):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect"):])
+            self.send_header("Location", self.path[len("/redirect") :])
             self.end_headers()
             return
         if self.path == "/big":
@@ -121,9 +122,17 @@ def base_settings(media_dir):
     from server.settings import ServerSettings
 
     return ServerSettings(
-        max_model_len=256, max_batch_size=4, max_queue=16, low_detail_size=56, default_max_tokens=32,
-        allowed_local_media_path=str(media_dir), max_image_bytes=200_000, max_image_pixels=1_000_000,
-        max_request_bytes=1_000_000, image_fetch_timeout=5, shutdown_timeout=5,
+        max_model_len=256,
+        max_batch_size=4,
+        max_queue=16,
+        low_detail_size=56,
+        default_max_tokens=32,
+        allowed_local_media_path=str(media_dir),
+        max_image_bytes=200_000,
+        max_image_pixels=1_000_000,
+        max_request_bytes=1_000_000,
+        image_fetch_timeout=5,
+        shutdown_timeout=5,
     )
 
 

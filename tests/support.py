@@ -58,8 +58,9 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30, **kw)
 
     def post(self, payload=None, content: bytes | None = None, headers=None, **kw) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/chat/completions", json=payload, content=content, headers=headers,
-                          timeout=30, **kw)
+        return httpx.post(
+            f"{self.url}/v1/chat/completions", json=payload, content=content, headers=headers, timeout=30, **kw
+        )
 
     def wait(self, predicate, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -107,9 +108,14 @@ def start_serve(args: list[str], env: dict, log_path: Path, preexec_fn=None) -> 
     """The real `glm4v-edge serve` command in a child process; returns once /health says 200."""
     port = free_port()
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([str(GLM4V_EDGE), "serve", "--port", str(port), *args], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                                preexec_fn=preexec_fn)
+        proc = subprocess.Popen(
+            [str(GLM4V_EDGE), "serve", "--port", str(port), *args],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec_fn,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:

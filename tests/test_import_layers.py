@@ -45,8 +45,13 @@ def imports_of(path: Path, me: str | None = None) -> list[tuple[int, str]]:
                 prefix = node.module
             out.append((node.lineno, prefix))
             out += [(node.lineno, f"{prefix}.{a.name}") for a in node.names]  # `from pkg import module`
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             out.append((node.lineno, node.args[0].value))
     return out
 
@@ -77,7 +82,7 @@ def test_no_import_cycle_between_files():
 
     def visit(m):
         if m in stack:
-            cycles.append(stack[stack.index(m):] + [m])
+            cycles.append(stack[stack.index(m) :] + [m])
             return
         if m in done:
             return
@@ -93,12 +98,15 @@ def test_no_import_cycle_between_files():
     assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("source,expected", [
-    ("from server.app import create_app", "server.app"),
-    ("import importlib\nimportlib.import_module('server.cli')", "server.cli"),
-    ("def f():\n    from server import app", "server.app"),
-    ("from .. import positions", "glm4v.positions"),
-])
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        ("from server.app import create_app", "server.app"),
+        ("import importlib\nimportlib.import_module('server.cli')", "server.cli"),
+        ("def f():\n    from server import app", "server.app"),
+        ("from .. import positions", "glm4v.positions"),
+    ],
+)
 def test_the_checker_sees_imports(tmp_path, source, expected):
     f = tmp_path / "probe.py"
     f.write_text(source)

@@ -46,9 +46,20 @@ def test_serve(base_settings, tiny_fp32, expected, monkeypatch):
         seen = []
         real = s.runtime.engine.submit
         monkeypatch.setattr(s.runtime.engine, "submit", lambda req: seen.append(req.prompt_ids) or real(req))
-        r = s.post({"messages": [{"role": "user", "content": [
-            {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": data_url(png())}}]}],
-            "max_tokens": 2})
+        r = s.post(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": QUESTION},
+                            {"type": "image_url", "image_url": {"url": data_url(png())}},
+                        ],
+                    }
+                ],
+                "max_tokens": 2,
+            }
+        )
         assert r.status_code == 200, r.text
     assert seen == [expected]
 
@@ -67,8 +78,14 @@ def test_chat(tiny_dir, tmp_path, expected, monkeypatch):
     monkeypatch.setattr(glm4v.generate, "generate", fake_generate)
     p = argparse.ArgumentParser()
     chat.add_arguments(p)
-    assert chat.run(p.parse_args([QUESTION, "--image", str(image), "--model", str(tiny_dir),
-                                  "--precision", "fp32", "--device", "cpu"])) == 0
+    assert (
+        chat.run(
+            p.parse_args(
+                [QUESTION, "--image", str(image), "--model", str(tiny_dir), "--precision", "fp32", "--device", "cpu"]
+            )
+        )
+        == 0
+    )
     assert seen == [expected]
 
 
@@ -89,7 +106,16 @@ def test_profile(tiny_fp32, expected):
 def test_bench_local(tiny_fp32, expected):
     from profiling.bench.local import _prompt_inputs
 
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": data_url(png())}}]}]}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": QUESTION},
+                    {"type": "image_url", "image_url": {"url": data_url(png())}},
+                ],
+            }
+        ]
+    }
     ids, data = _prompt_inputs(tiny_fp32, body)
     assert ids == expected and data is not None

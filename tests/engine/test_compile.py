@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from engine import Engine, GenerationRequest, compile_mode
+from engine.cuda_graphs import COMPILE_MODES, DecodeGraphs
 from glm4v import Message, SamplingParams, build_prompt
 from glm4v.generate import generate_text
-from engine.cuda_graphs import COMPILE_MODES, DecodeGraphs
 from glm4v.static_decode import batch_buckets, kv_windows
-from engine import Engine, GenerationRequest, compile_mode
 from server.settings import ServerSettings
 
 from ..support import collect as _collect
@@ -65,8 +65,8 @@ def test_static_decode_equals_dynamic_decode(tiny_fp32, mode):
 
 def test_one_compilation_per_batch_bucket(tiny_fp32, monkeypatch):
     """The window length is dynamic: warming up 3 buckets × 4 windows compiles 3 graphs, and serving none."""
-    from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
     compiled = []
 
@@ -127,20 +127,28 @@ def test_quantized_decode_step_traces_without_graph_breaks(load_tiny, precision)
 def test_engine_with_compiled_decode_matches_each_alone(tiny_fp32, mode):
     """Mixed text and image requests joining and leaving a compiled-step batch: each gets its solo greedy tokens."""
     lm = tiny_fp32
-    eng = Engine(lm.model, lm.tokenizer, max_batch_size=4, max_model_len=256, prefill_chunk=16,
-                 decode_graphs=mode).start()
+    eng = Engine(
+        lm.model, lm.tokenizer, max_batch_size=4, max_model_len=256, prefill_chunk=16, decode_graphs=mode
+    ).start()
     try:
         assert eng.compile_status()["active"] and eng.compile_status()["batch_buckets"] == [1, 2, 4]
         blue = lm.image_processor(Image.new("RGB", (90, 60), "blue"))
-        reqs = [(_ids(lm, "describe the picture", image=True), blue, 9), (_ids(lm, "hi"), None, 14),
-                (_ids(lm, "a longer question about the quick brown fox " * 2), None, 6),
-                (_ids(lm, "count", image=True), blue, 11), (_ids(lm, "and one more"), None, 8)]
-        handles = [eng.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),
-                                                px)) for ids, px, n in reqs]
-        for (ids, px, n), h in zip(reqs, handles):
+        reqs = [
+            (_ids(lm, "describe the picture", image=True), blue, 9),
+            (_ids(lm, "hi"), None, 14),
+            (_ids(lm, "a longer question about the quick brown fox " * 2), None, 6),
+            (_ids(lm, "count", image=True), blue, 11),
+            (_ids(lm, "and one more"), None, 8),
+        ]
+        handles = [
+            eng.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), px))
+            for ids, px, n in reqs
+        ]
+        for (ids, px, n), h in zip(reqs, handles, strict=True):
             _, toks, reason = _collect(h)
-            solo = generate_text(lm.model, lm.tokenizer, ids, px,
-                                 SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[1]
+            solo = generate_text(
+                lm.model, lm.tokenizer, ids, px, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+            )[1]
             assert toks == solo and reason == "length"
     finally:
         eng.shutdown(timeout=5)
@@ -160,8 +168,10 @@ def test_failed_compile_falls_back_to_the_ordinary_step(tiny_fp32, monkeypatch, 
         assert "--compile broken failed" in caplog.text
         params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
         ids = _ids(lm, "still serving?")
-        assert _collect(eng.submit(GenerationRequest(ids, params)))[1] == generate_text(
-            lm.model, lm.tokenizer, ids, None, params)[1]
+        assert (
+            _collect(eng.submit(GenerationRequest(ids, params)))[1]
+            == generate_text(lm.model, lm.tokenizer, ids, None, params)[1]
+        )
     finally:
         eng.shutdown(timeout=5)
 

@@ -8,9 +8,9 @@ import time
 import pytest
 from PIL import Image
 
+from engine import Engine, GenerationRequest, QueueFullError
 from glm4v import SamplingParams
 from glm4v.generate import generate_text
-from engine import Engine, GenerationRequest, QueueFullError
 
 from ..support import collect as _collect
 from ..support import prompt_ids as _ids
@@ -18,8 +18,9 @@ from ..support import prompt_ids as _ids
 
 @pytest.fixture
 def engine(tiny_fp32):
-    eng = Engine(tiny_fp32.model, tiny_fp32.tokenizer, max_batch_size=4, max_model_len=256, max_queue=8,
-                 prefill_chunk=16).start()
+    eng = Engine(
+        tiny_fp32.model, tiny_fp32.tokenizer, max_batch_size=4, max_model_len=256, max_queue=8, prefill_chunk=16
+    ).start()
     yield eng
     eng.shutdown(timeout=5)
 
@@ -38,7 +39,7 @@ def test_batched_greedy_equals_each_alone(tiny_fp32, engine):
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     handles = [engine.submit(GenerationRequest(ids, params, px)) for ids, px in reqs]
     results = [_collect(h) for h in handles]
-    for (ids, px), (text, toks, reason), h in zip(reqs, results, handles):
+    for (ids, px), (text, toks, reason), h in zip(reqs, results, handles, strict=True):
         alone_text, alone_toks, alone_reason = generate_text(lm.model, lm.tokenizer, ids, px, params)
         assert toks == alone_toks
         assert text == alone_text
@@ -103,8 +104,9 @@ def test_cancel_mid_batch_frees_the_row_and_others_continue(tiny_fp32, engine):
     lm = tiny_fp32
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
     victim = engine.submit(GenerationRequest(_ids(lm, "victim"), long))
-    keeper = engine.submit(GenerationRequest(_ids(lm, "keeper"), SamplingParams(max_new_tokens=40, temperature=0,
-                                                                               ignore_eos=True)))
+    keeper = engine.submit(
+        GenerationRequest(_ids(lm, "keeper"), SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    )
     got = []
 
     def read():
@@ -120,8 +122,13 @@ def test_cancel_mid_batch_frees_the_row_and_others_continue(tiny_fp32, engine):
     assert victim.completion_tokens < 200
     text, toks, reason = _collect(keeper)
     assert reason == "length" and len(toks) == 40
-    alone = generate_text(lm.model, lm.tokenizer, _ids(lm, "keeper"), None,
-                          SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    alone = generate_text(
+        lm.model,
+        lm.tokenizer,
+        _ids(lm, "keeper"),
+        None,
+        SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True),
+    )
     assert toks == alone[1]
     deadline = time.time() + 5
     while engine.stats().running and time.time() < deadline:
@@ -132,17 +139,23 @@ def test_cancel_mid_batch_frees_the_row_and_others_continue(tiny_fp32, engine):
 def test_stop_string_and_eos(tiny_fp32, engine):
     lm = tiny_fp32
     ids = _ids(lm, "hello")
-    free = _collect(engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0,
-                                                                        ignore_eos=True))))
+    free = _collect(
+        engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)))
+    )
     text = free[0]
     assert len(text) > 4
     stop = text[2:4]
-    cut = _collect(engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0,
-                                                                       ignore_eos=True, stop=[stop]))))
+    cut = _collect(
+        engine.submit(
+            GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))
+        )
+    )
     assert cut[2] == "stop"
     assert cut[0] == text[: text.index(stop)]
     eos_tok = free[1][3]
-    h = engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[eos_tok])))
+    h = engine.submit(
+        GenerationRequest(ids, SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[eos_tok]))
+    )
     by_id = _collect(h)
     k = free[1].index(eos_tok)
     assert by_id[2] == "stop" and by_id[1] == free[1][:k]  # the stop token itself is not streamed as text
@@ -153,11 +166,15 @@ def test_image_prefill_is_interleaved_with_running_decode(tiny_fp32):
     """A new image request is encoded one ViT layer group and one prompt chunk at a time, with decode steps for the
     running stream in between — the stall a newcomer causes is one unit, not a whole prefill."""
     lm = tiny_fp32
-    eng = Engine(lm.model, lm.tokenizer, max_batch_size=4, max_model_len=512, prefill_chunk=8,
-                 vision_layers_per_step=1).start()
+    eng = Engine(
+        lm.model, lm.tokenizer, max_batch_size=4, max_model_len=512, prefill_chunk=8, vision_layers_per_step=1
+    ).start()
     try:
-        runner = eng.submit(GenerationRequest(_ids(lm, "keep talking"),
-                                              SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True)))
+        runner = eng.submit(
+            GenerationRequest(
+                _ids(lm, "keep talking"), SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True)
+            )
+        )
         it = iter(runner)
         for _ in range(3):
             next(it)  # the runner is decoding
@@ -202,8 +219,9 @@ def test_an_unexpected_step_error_fails_in_flight_requests_and_the_engine_keeps_
             return real_push(self, token_id)
 
         monkeypatch.setattr(ts.TextStream, "push", flaky)
-        h = eng.submit(GenerationRequest(_ids(lm, "x"), SamplingParams(max_new_tokens=10, temperature=0,
-                                                                       ignore_eos=True)))
+        h = eng.submit(
+            GenerationRequest(_ids(lm, "x"), SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+        )
         events = list(h)
         assert events[-1].kind == "error" and "boom" in str(events[-1].error)
         monkeypatch.setattr(ts.TextStream, "push", real_push)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from engine import Engine, GenerationRequest
 from glm4v import SamplingParams
 from glm4v.generate import generate_text
 from glm4v.sampling import NumericalError, Sampler
 from glm4v.text_stream import TextStream
-from engine import Engine, GenerationRequest
 
 from ..support import collect as _collect
 from ..support import prompt_ids as _ids
@@ -33,8 +33,9 @@ def make_engine(tiny_fp32):
     engines = []
 
     def make(model=None):
-        eng = Engine(model or tiny_fp32.model, tiny_fp32.tokenizer, max_batch_size=4, max_model_len=256,
-                     prefill_chunk=16).start()
+        eng = Engine(
+            model or tiny_fp32.model, tiny_fp32.tokenizer, max_batch_size=4, max_model_len=256, prefill_chunk=16
+        ).start()
         engines.append(eng)
         return eng
 
@@ -53,7 +54,7 @@ def _run(eng, lm, bad: GenerationRequest):
 def _assert_isolated(eng, lm, alone, events, handle, results, match: str):
     assert [e.kind for e in events][-1] == "error" and match in str(events[-1].error)
     assert handle.finish_reason == "error"
-    for t, (_, toks, reason) in zip(GOOD, results):
+    for t, (_, toks, reason) in zip(GOOD, results, strict=True):
         assert reason == "length" and toks == alone[t]
     after = _collect(eng.submit(GenerationRequest(_ids(lm, "after"), GOOD_PARAMS)))  # still serving
     assert after[2] == "length" and after[1] == alone["after"]
@@ -84,8 +85,11 @@ def test_a_sampler_error_ends_only_its_request(tiny_fp32, alone, make_engine, mo
     lm, eng = tiny_fp32, make_engine()
     bad = _bad(lm, temperature=0.8, seed=1)
     running = []
-    monkeypatch.setattr(Sampler, "choose", _fail_on_call(nth, lambda s: s.params is bad.params, Sampler.choose,
-                                                        "sampler blew up", eng, running))
+    monkeypatch.setattr(
+        Sampler,
+        "choose",
+        _fail_on_call(nth, lambda s: s.params is bad.params, Sampler.choose, "sampler blew up", eng, running),
+    )
     events, h, results = _run(eng, lm, bad)
     assert running == [4]  # it failed while the three others were running alongside it
     if nth == 1:
@@ -96,8 +100,11 @@ def test_a_sampler_error_ends_only_its_request(tiny_fp32, alone, make_engine, mo
 def test_a_stop_string_error_ends_only_its_request(tiny_fp32, alone, make_engine, monkeypatch):
     lm, eng = tiny_fp32, make_engine()
     running = []
-    monkeypatch.setattr(TextStream, "push", _fail_on_call(3, lambda s: MARK in s.stop, TextStream.push,
-                                                          "stop handling blew up", eng, running))
+    monkeypatch.setattr(
+        TextStream,
+        "push",
+        _fail_on_call(3, lambda s: MARK in s.stop, TextStream.push, "stop handling blew up", eng, running),
+    )
     events, h, results = _run(eng, lm, _bad(lm, temperature=0, stop=[MARK]))
     assert running == [4]
     _assert_isolated(eng, lm, alone, events, h, results, "stop handling blew up")
@@ -106,10 +113,14 @@ def test_a_stop_string_error_ends_only_its_request(tiny_fp32, alone, make_engine
 def test_a_detokenizer_error_at_the_end_ends_only_its_request(tiny_fp32, alone, make_engine, monkeypatch):
     lm, eng = tiny_fp32, make_engine()
     running = []
-    monkeypatch.setattr(TextStream, "finish", _fail_on_call(1, lambda s: MARK in s.stop, TextStream.finish,
-                                                            "detokenizer blew up", eng, running))
-    bad = GenerationRequest(_ids(lm, "short"), SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True,
-                                                              stop=[MARK]))
+    monkeypatch.setattr(
+        TextStream,
+        "finish",
+        _fail_on_call(1, lambda s: MARK in s.stop, TextStream.finish, "detokenizer blew up", eng, running),
+    )
+    bad = GenerationRequest(
+        _ids(lm, "short"), SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True, stop=[MARK])
+    )
     events, h, results = _run(eng, lm, bad)
     assert running == [4]
     _assert_isolated(eng, lm, alone, events, h, results, "detokenizer blew up")
@@ -158,8 +169,13 @@ def test_non_finite_logits_end_only_that_request(tiny_fp32, alone, make_engine, 
     _assert_isolated(eng, lm, alone, events, h, results, "non-finite logits")
 
 
-GREEDY_EQUIVALENT = [dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1.0, top_p=1e-300),
-                     dict(temperature=1.0, top_p=5e-324), dict(temperature=1.0, top_p=0.0)]
+GREEDY_EQUIVALENT = [
+    dict(temperature=1e-300),
+    dict(temperature=5e-324),
+    dict(temperature=1.0, top_p=1e-300),
+    dict(temperature=1.0, top_p=5e-324),
+    dict(temperature=1.0, top_p=0.0),
+]
 
 
 @pytest.mark.parametrize("kw", GREEDY_EQUIVALENT + [dict(temperature=1.0, repetition_penalty=1e-300)], ids=str)
@@ -174,5 +190,5 @@ def test_extreme_but_valid_parameters_answer_normally_beside_others(tiny_fp32, a
     if kw in GREEDY_EQUIVALENT:
         greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
         assert toks == generate_text(lm.model, lm.tokenizer, req.prompt_ids, None, greedy)[1]
-    for t, (_, got, reason) in zip(GOOD, results):
+    for t, (_, got, reason) in zip(GOOD, results, strict=True):
         assert reason == "length" and got == alone[t]

@@ -1,4 +1,5 @@
-"""An independent, deliberately plain re-implementation of GLM-4V-9B written from the spec's pseudocode (§10).
+"""An independent, deliberately plain re-implementation of GLM-4V-9B written from the reference pseudocode
+(docs/MODEL.md §10).
 
 It shares no code with ``glm4v``: plain tensors from the safetensors file, loops, explicit formulas. The network
 under test must produce the same logits, which catches layout slips (qkv split, interleaved RoPE, post-branch
@@ -24,33 +25,53 @@ class Reference:
     def vision(self, pix):  # pix (3, N, N) → (P+2, H)
         vc, w = self.cfg["vision_config"], self.w
         pre = "transformer.vision."
-        x = F.conv2d(pix[None], w[pre + "patch_embedding.proj.weight"], w[pre + "patch_embedding.proj.bias"],
-                     stride=vc["patch_size"])[0]  # (C, g, g)
+        x = F.conv2d(
+            pix[None],
+            w[pre + "patch_embedding.proj.weight"],
+            w[pre + "patch_embedding.proj.bias"],
+            stride=vc["patch_size"],
+        )[0]  # (C, g, g)
         C, g, _ = x.shape
         x = x.reshape(C, g * g).T  # (g², C), row-major
-        x = torch.cat([w[pre + "patch_embedding.cls_embedding"], x]) + w[pre + "patch_embedding.position_embedding.weight"]
+        x = (
+            torch.cat([w[pre + "patch_embedding.cls_embedding"], x])
+            + w[pre + "patch_embedding.position_embedding.weight"]
+        )
         nh = vc["num_heads"]
         d = C // nh
         for j in range(vc["num_hidden_layers"]):
             L = f"{pre}transformer.layers.{j}."
             qkv = x @ w[L + "attention.query_key_value.weight"].T + w[L + "attention.query_key_value.bias"]
-            q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+            q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
             heads = []
             for h in range(nh):
                 s = slice(h * d, (h + 1) * d)
                 a = torch.softmax(q[:, s] @ k[:, s].T / math.sqrt(d), dim=-1)
                 heads.append(a @ v[:, s])
             att = torch.cat(heads, 1) @ w[L + "attention.dense.weight"].T + w[L + "attention.dense.bias"]
-            x = x + F.layer_norm(att, (C,), w[L + "input_layernorm.weight"], w[L + "input_layernorm.bias"], vc["layer_norm_eps"])
-            m = F.gelu(x @ w[L + "mlp.fc1.weight"].T + w[L + "mlp.fc1.bias"]) @ w[L + "mlp.fc2.weight"].T + w[L + "mlp.fc2.bias"]
-            x = x + F.layer_norm(m, (C,), w[L + "post_attention_layernorm.weight"], w[L + "post_attention_layernorm.bias"], vc["layer_norm_eps"])
+            x = x + F.layer_norm(
+                att, (C,), w[L + "input_layernorm.weight"], w[L + "input_layernorm.bias"], vc["layer_norm_eps"]
+            )
+            m = (
+                F.gelu(x @ w[L + "mlp.fc1.weight"].T + w[L + "mlp.fc1.bias"]) @ w[L + "mlp.fc2.weight"].T
+                + w[L + "mlp.fc2.bias"]
+            )
+            x = x + F.layer_norm(
+                m,
+                (C,),
+                w[L + "post_attention_layernorm.weight"],
+                w[L + "post_attention_layernorm.bias"],
+                vc["layer_norm_eps"],
+            )
         x = x[1:].T.reshape(1, C, g, g)
         x = F.conv2d(x, w[pre + "conv.weight"], w[pre + "conv.bias"], stride=2)[0]  # (H, g/2, g/2)
         H = x.shape[0]
         x = x.reshape(H, -1).T
         x = x @ w[pre + "linear_proj.linear_proj.weight"].T
         x = F.gelu(F.layer_norm(x, (H,), w[pre + "linear_proj.norm1.weight"], w[pre + "linear_proj.norm1.bias"], 1e-5))
-        x = (F.silu(x @ w[pre + "linear_proj.gate_proj.weight"].T) * (x @ w[pre + "linear_proj.dense_h_to_4h.weight"].T)) @ w[pre + "linear_proj.dense_4h_to_h.weight"].T
+        x = (
+            F.silu(x @ w[pre + "linear_proj.gate_proj.weight"].T) * (x @ w[pre + "linear_proj.dense_h_to_4h.weight"].T)
+        ) @ w[pre + "linear_proj.dense_4h_to_h.weight"].T
         x = torch.cat([w[pre + "boi"][0], x, w[pre + "eoi"][0]])
         return x / vc["scaling_factor"]
 
@@ -78,8 +99,8 @@ class Reference:
             e = ids.index(c["eoi_token_id"])
             assert e == b + 2
             V = self.vision(pix)
-            E = torch.cat([E[:b], V, E[e + 1:]])
-            P = torch.cat([P[:b + 1], P[b + 1].repeat(V.shape[0] - 2), P[e:]])
+            E = torch.cat([E[:b], V, E[e + 1 :]])
+            P = torch.cat([P[: b + 1], P[b + 1].repeat(V.shape[0] - 2), P[e:]])
         x = E
         S = x.shape[0]
         nh, ng, d = c["num_attention_heads"], c["multi_query_group_num"], c["kv_channels"]
@@ -87,9 +108,9 @@ class Reference:
             L = f"transformer.encoder.layers.{i}."
             h = self.rms(x, w[L + "input_layernorm.weight"])
             qkv = h @ w[L + "self_attention.query_key_value.weight"].T + w[L + "self_attention.query_key_value.bias"]
-            q = qkv[:, :nh * d].reshape(S, nh, d)
-            k = qkv[:, nh * d:(nh + ng) * d].reshape(S, ng, d)
-            v = qkv[:, (nh + ng) * d:].reshape(S, ng, d)
+            q = qkv[:, : nh * d].reshape(S, nh, d)
+            k = qkv[:, nh * d : (nh + ng) * d].reshape(S, ng, d)
+            v = qkv[:, (nh + ng) * d :].reshape(S, ng, d)
             q, k = self.rope(q, P), self.rope(k, P)
             mask = torch.ones(S, S, dtype=torch.bool).tril()
             outs = []
@@ -100,7 +121,7 @@ class Reference:
                 outs.append(torch.softmax(s, -1) @ v[:, g])
             x = x + torch.cat(outs, 1) @ w[L + "self_attention.dense.weight"].T
             h = self.rms(x, w[L + "post_attention_layernorm.weight"]) @ w[L + "mlp.dense_h_to_4h.weight"].T
-            gate, up = h[:, :c["ffn_hidden_size"]], h[:, c["ffn_hidden_size"]:]
+            gate, up = h[:, : c["ffn_hidden_size"]], h[:, c["ffn_hidden_size"] :]
             x = x + (F.silu(gate) * up) @ w[L + "mlp.dense_4h_to_h.weight"].T
         x = self.rms(x, w["transformer.encoder.final_layernorm.weight"])
         return x @ w["transformer.output_layer.weight"].T, P

@@ -12,24 +12,63 @@ from safetensors.torch import load_file, save_file
 from glm4v import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glm4v.checkpoint import CheckpointError, expected_shapes, inspect_checkpoint
 
-# The released config.json of THUDM/glm-4v-9b (spec §1, §12): no rope_ratio, nested vision_config.
+# The released config.json of THUDM/glm-4v-9b (docs/MODEL.md §1, §12): no rope_ratio, nested vision_config.
 OFFICIAL_CONFIG = {
-    "_name_or_path": "THUDM/glm-4v-9b", "add_bias_linear": False, "add_qkv_bias": True,
-    "apply_query_key_layer_scaling": True, "apply_residual_connection_post_layernorm": False,
-    "architectures": ["ChatGLMModel"], "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+    "_name_or_path": "THUDM/glm-4v-9b",
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "architectures": ["ChatGLMModel"],
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
     "attn_implementation": "sdpa",
-    "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"},
-    "bias_dropout_fusion": True, "boi_token_id": 151339, "classifier_dropout": None, "eoi_token_id": 151340,
-    "eos_token_id": [151329, 151336, 151338], "ffn_hidden_size": 13696, "fp32_residual_connection": False,
-    "hidden_dropout": 0.0, "hidden_size": 4096, "kv_channels": 128, "layernorm_epsilon": 1.5625e-07,
-    "model_type": "chatglm", "multi_query_attention": True, "multi_query_group_num": 2, "num_attention_heads": 32,
-    "num_layers": 40, "original_rope": True, "pad_token_id": 151329, "padded_vocab_size": 151552,
-    "post_layer_norm": True, "pre_seq_len": None, "prefix_projection": False, "rmsnorm": True, "seq_length": 8192,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "use_cache": True,
-    "vision_config": {"dropout_prob": 0.0, "hidden_act": "gelu", "in_channels": 3, "num_hidden_layers": 63,
-                      "hidden_size": 1792, "patch_size": 14, "num_heads": 16, "intermediate_size": 15360,
-                      "layer_norm_eps": 1e-06, "num_positions": 6401, "image_size": 1120, "scaling_factor": 8},
+    "auto_map": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    },
+    "bias_dropout_fusion": True,
+    "boi_token_id": 151339,
+    "classifier_dropout": None,
+    "eoi_token_id": 151340,
+    "eos_token_id": [151329, 151336, 151338],
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1.5625e-07,
+    "model_type": "chatglm",
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 40,
+    "original_rope": True,
+    "pad_token_id": 151329,
+    "padded_vocab_size": 151552,
+    "post_layer_norm": True,
+    "pre_seq_len": None,
+    "prefix_projection": False,
+    "rmsnorm": True,
+    "seq_length": 8192,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.44.0",
+    "use_cache": True,
+    "vision_config": {
+        "dropout_prob": 0.0,
+        "hidden_act": "gelu",
+        "in_channels": 3,
+        "num_hidden_layers": 63,
+        "hidden_size": 1792,
+        "patch_size": 14,
+        "num_heads": 16,
+        "intermediate_size": 15360,
+        "layer_norm_eps": 1e-06,
+        "num_positions": 6401,
+        "image_size": 1120,
+        "scaling_factor": 8,
+    },
 }
 
 
@@ -59,9 +98,9 @@ def test_full_size_model_on_meta_device_has_exact_parameter_count_and_names(offi
     assert sum(p.numel() for p in model.parameters()) == 13_906_320_896
     enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.encoder.layers."))
     vis = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.vision.transformer."))
-    assert enc == 8_158_433_280 and vis == 4_279_387_392  # spec §2.3 (GLM-4 #500)
+    assert enc == 8_158_433_280 and vis == 4_279_387_392  # docs/MODEL.md §2.3 (GLM-4 #500)
     shapes = expected_shapes(official_config)
-    spec_shapes = {  # spec §2.1, §2.2
+    spec_shapes = {  # docs/MODEL.md §2.1, §2.2
         "transformer.embedding.word_embeddings.weight": (151552, 4096),
         "transformer.encoder.layers.0.input_layernorm.weight": (4096,),
         "transformer.encoder.layers.39.self_attention.query_key_value.weight": (4608, 4096),
@@ -106,8 +145,13 @@ def test_full_size_model_on_meta_device_has_exact_parameter_count_and_names(offi
 
 def test_tiny_checkpoint_has_official_layout(tiny_dir):
     names = {p.name for p in tiny_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
-            "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert set(OFFICIAL_CONFIG) <= set(cfg)  # every official field is present
     assert set(OFFICIAL_CONFIG["vision_config"]) == set(cfg["vision_config"])

@@ -22,7 +22,7 @@ def _png(im: Image.Image) -> bytes:
 def test_shape_dtype_and_normalization():
     t = ImageProcessor(56)(Image.new("RGB", (30, 70), (255, 255, 255)))
     assert t.shape == (3, 56, 56) and t.dtype == torch.float32
-    expected = [(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]
+    expected = [(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)]
     torch.testing.assert_close(t[:, 10, 10], torch.tensor(expected))
 
 
@@ -31,7 +31,9 @@ def test_bicubic_stretch_matches_pil_exactly():
     im = Image.fromarray(rng.integers(0, 256, (90, 150, 3), dtype=np.uint8))
     t = ImageProcessor(112)(im)
     ref = np.asarray(im.resize((112, 112), Image.BICUBIC), dtype=np.float32) / 255.0
-    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(
+        CLIP_STD
+    ).view(3, 1, 1)
     torch.testing.assert_close(t, ref)
 
 
@@ -160,14 +162,16 @@ def test_no_pixel_is_decoded_before_the_size_check(fmt, decoders):
 def test_multi_frame_images_use_the_first_frame_only(decoders):
     """Page 2 of the TIFF is over the pixel cap, frame 2 of the GIF is blue: neither is decoded nor used."""
     buf = io.BytesIO()
-    Image.new("RGB", (40, 30), (250, 0, 0)).save(buf, "TIFF", save_all=True,
-                                                  append_images=[Image.new("RGB", (1200, 1000), (0, 0, 250))])
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(
+        buf, "TIFF", save_all=True, append_images=[Image.new("RGB", (1200, 1000), (0, 0, 250))]
+    )
     out = open_image(buf.getvalue(), max_pixels=1_000_000)
     assert out.size == (40, 30) and out.getpixel((3, 3)) == (250, 0, 0)
     assert len(decoders) == 1
     buf = io.BytesIO()
-    Image.new("RGB", (40, 30), (250, 0, 0)).save(buf, "GIF", save_all=True,
-                                                  append_images=[Image.new("RGB", (40, 30), (0, 0, 250))])
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(
+        buf, "GIF", save_all=True, append_images=[Image.new("RGB", (40, 30), (0, 0, 250))]
+    )
     r, g, b = open_image(buf.getvalue()).getpixel((3, 3))
     assert r > 200 and b < 60
 
@@ -207,8 +211,18 @@ def _tiled_tiff(side: int, tile: int) -> bytes:
     import zlib
 
     body = zlib.compress(bytes(tile * tile))
-    entries = [(256, 3, side), (257, 3, side), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1),
-               (322, 4, tile), (323, 4, tile), (324, 4, 8 + 2 + 10 * 12 + 4), (325, 4, len(body))]
+    entries = [
+        (256, 3, side),
+        (257, 3, side),
+        (258, 3, 8),
+        (259, 3, 8),
+        (262, 3, 1),
+        (277, 3, 1),
+        (322, 4, tile),
+        (323, 4, tile),
+        (324, 4, 8 + 2 + 10 * 12 + 4),
+        (325, 4, len(body)),
+    ]
     out = b"II*\0" + struct.pack("<IH", 8, len(entries))
     for tag, typ, value in entries:
         packed = struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)

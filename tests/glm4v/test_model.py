@@ -41,7 +41,7 @@ def test_logits_match_independent_reference_text_only(tiny_fp32, reference):
 
 
 def test_compressed_positions_of_standard_prompt(tiny_fp32, red_image):
-    """Spec §4.5: boi at index 4 gets 4, every patch 5, eoi 6, text continues at 7."""
+    """docs/MODEL.md §4.5: boi at index 4 gets 4, every patch 5, eoi 6, text continues at 7."""
     ids = _prompt(tiny_fp32)
     cfg = tiny_fp32.config
     assert ids[4] == cfg.boi_token_id and ids[6] == cfg.eoi_token_id
@@ -129,7 +129,7 @@ def test_batched_decode_rows_at_different_lengths(tiny_fp32):
     cache = model.new_cache(max_len=64, max_batch=3)
     with torch.no_grad():
         last = [model(torch.tensor([p]), cache=cache, cache_row=r).logits[0, -1] for r, p in enumerate(prompts)]
-        toks = [int(l.argmax()) for l in last]
+        toks = [int(row.argmax()) for row in last]
         batched = model(torch.tensor(toks)[:, None], cache=cache, cache_row=0).logits[:, -1]
         for r, p in enumerate(prompts):
             alone = model(torch.tensor([p + [toks[r]]])).logits[0, -1]
@@ -140,7 +140,9 @@ def test_batch_of_two_images_in_one_forward(tiny_fp32, red_image):
     from PIL import Image
 
     ids = _prompt(tiny_fp32)
-    px = torch.stack([tiny_fp32.image_processor(red_image), tiny_fp32.image_processor(Image.new("RGB", (64, 64), "blue"))])
+    px = torch.stack(
+        [tiny_fp32.image_processor(red_image), tiny_fp32.image_processor(Image.new("RGB", (64, 64), "blue"))]
+    )
     with torch.no_grad():
         both = tiny_fp32.model(torch.tensor([ids, ids]), pixel_values=px).logits
         first = tiny_fp32.model(torch.tensor([ids]), pixel_values=px[:1]).logits

@@ -18,9 +18,17 @@ def _sampler(**kw):
 
 def test_parameter_validation():
     nan = float("nan")
-    for bad in (dict(temperature=-1), dict(temperature=nan), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-1),
-                dict(max_new_tokens=0), dict(repetition_penalty=0), dict(repetition_penalty=nan),
-                dict(presence_penalty=3)):
+    for bad in (
+        dict(temperature=-1),
+        dict(temperature=nan),
+        dict(top_p=-0.1),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(max_new_tokens=0),
+        dict(repetition_penalty=0),
+        dict(repetition_penalty=nan),
+        dict(presence_penalty=3),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -77,8 +85,13 @@ def prompt(tiny_fp32):
 
 def test_generate_greedy_matches_argmax_of_full_forward(tiny_fp32, prompt, red_image):
     px = tiny_fp32.image_processor(red_image)
-    text, toks, reason = generate_text(tiny_fp32.model, tiny_fp32.tokenizer, prompt, px,
-                                       SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))
+    text, toks, reason = generate_text(
+        tiny_fp32.model,
+        tiny_fp32.tokenizer,
+        prompt,
+        px,
+        SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True),
+    )
     seq = list(prompt)
     with torch.no_grad():
         for t in toks:
@@ -91,10 +104,25 @@ def test_generate_greedy_matches_argmax_of_full_forward(tiny_fp32, prompt, red_i
 
 def test_generate_yields_tokens_one_by_one_and_stops_on_eos(tiny_fp32, prompt, red_image):
     px = tiny_fp32.image_processor(red_image)
-    free = [s.token_id for s in generate(tiny_fp32.model, tiny_fp32.tokenizer, prompt, px,
-                                         SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))]
-    steps = list(generate(tiny_fp32.model, tiny_fp32.tokenizer, prompt, px,
-                          SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[free[2]])))
+    free = [
+        s.token_id
+        for s in generate(
+            tiny_fp32.model,
+            tiny_fp32.tokenizer,
+            prompt,
+            px,
+            SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True),
+        )
+    ]
+    steps = list(
+        generate(
+            tiny_fp32.model,
+            tiny_fp32.tokenizer,
+            prompt,
+            px,
+            SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[free[2]]),
+        )
+    )
     assert [s.token_id for s in steps] == free[: free.index(free[2]) + 1]
     assert [s.finish_reason for s in steps] == [None] * (len(steps) - 1) + ["stop"]
 
@@ -112,6 +140,14 @@ def test_generate_stop_string_is_excluded(tiny_fp32, prompt, red_image):
 def test_generate_ends_with_length_when_the_cache_is_full(tiny_fp32, prompt, red_image):
     px = tiny_fp32.image_processor(red_image)
     room = len(prompt) - 3 + tiny_fp32.image_tokens()
-    steps = list(generate(tiny_fp32.model, tiny_fp32.tokenizer, prompt, px,
-                          SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True), max_len=room + 4))
+    steps = list(
+        generate(
+            tiny_fp32.model,
+            tiny_fp32.tokenizer,
+            prompt,
+            px,
+            SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True),
+            max_len=room + 4,
+        )
+    )
     assert steps[-1].finish_reason == "length" and len(steps) == 5

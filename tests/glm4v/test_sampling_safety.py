@@ -40,8 +40,11 @@ EXTREMES = {
     "top_p=1e-300": (dict(top_p=1e-300), [], _large_logits),
     "top_p=5e-324": (dict(top_p=5e-324), [], _large_logits),
     "repetition_penalty=1e-300": (dict(repetition_penalty=1e-300), list(range(V)), _large_logits),
-    "repetition_penalty=1e300, all seen, all negative": (dict(repetition_penalty=1e300), list(range(V)),
-                                                         _all_negative_logits),
+    "repetition_penalty=1e300, all seen, all negative": (
+        dict(repetition_penalty=1e300),
+        list(range(V)),
+        _all_negative_logits,
+    ),
     "presence/frequency=+2": (dict(temperature=0.5, presence_penalty=2, frequency_penalty=2), [], _large_logits),
     "presence/frequency=-2": (dict(temperature=0.5, presence_penalty=-2, frequency_penalty=-2), [], _large_logits),
 }
@@ -57,8 +60,9 @@ def test_extreme_but_valid_parameters_always_give_a_valid_token(name):
         assert all(0 <= t < V for t in tokens)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6),
-                                dict(top_p=0.0)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=1e-6), dict(top_p=0.0)]
+)
 def test_tiny_temperature_and_top_p_0_are_greedy(kw):
     assert SamplingParams(**kw).greedy
     s = Sampler(SamplingParams(**kw), V, CPU)
@@ -98,9 +102,11 @@ def test_a_row_with_non_finite_logits_fails_alone(bad, mode):
     def samplers():
         if mode == "greedy":  # the batched-argmax fast path
             return [Sampler(SamplingParams(temperature=0), V, CPU) for _ in range(3)]
-        return [Sampler(SamplingParams(temperature=1.0, seed=3), V, CPU),
-                Sampler(SamplingParams(temperature=0.8, presence_penalty=1.0, seed=4), V, CPU),
-                Sampler(SamplingParams(temperature=0, repetition_penalty=1.3), V, CPU, prompt_ids=[5])]
+        return [
+            Sampler(SamplingParams(temperature=1.0, seed=3), V, CPU),
+            Sampler(SamplingParams(temperature=0.8, presence_penalty=1.0, seed=4), V, CPU),
+            Sampler(SamplingParams(temperature=0, repetition_penalty=1.3), V, CPU, prompt_ids=[5]),
+        ]
 
     logits = torch.randn(3, V + 6, generator=torch.Generator().manual_seed(5))
     logits[1, 7] = bad
@@ -138,8 +144,12 @@ def test_an_invalid_distribution_falls_back_to_the_argmax_before_multinomial():
     from glm4v.sampling import _valid_or_argmax
 
     logits = torch.tensor([0.0, 5.0, 1.0, -2.0])
-    for probs in (torch.full((4,), float("nan")), torch.zeros(4), torch.tensor([0.5, float("inf"), 0.0, 0.0]),
-                  torch.tensor([0.5, 0.7, -0.2, 0.0])):
+    for probs in (
+        torch.full((4,), float("nan")),
+        torch.zeros(4),
+        torch.tensor([0.5, float("inf"), 0.0, 0.0]),
+        torch.tensor([0.5, 0.7, -0.2, 0.0]),
+    ):
         assert _valid_or_argmax(probs, logits).tolist() == [0.0, 1.0, 0.0, 0.0]
     ok = torch.tensor([0.1, 0.2, 0.3, 0.4])
     assert torch.equal(_valid_or_argmax(ok, logits), ok)
@@ -148,8 +158,9 @@ def test_an_invalid_distribution_falls_back_to_the_argmax_before_multinomial():
 def test_generate_uses_the_safe_path(tiny_fp32):
     lm = tiny_fp32
     ids = build_prompt(lm.tokenizer, [Message("user", "hello there")]).ids
-    greedy = generate_text(lm.model, lm.tokenizer, ids, None,
-                           SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[1]
+    greedy = generate_text(
+        lm.model, lm.tokenizer, ids, None, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    )[1]
     for kw in (dict(temperature=5e-324), dict(top_p=1e-300, seed=1), dict(top_p=0.0)):
         got = generate_text(lm.model, lm.tokenizer, ids, None, SamplingParams(max_new_tokens=6, ignore_eos=True, **kw))
         assert got[1] == greedy and got[2] == "length"

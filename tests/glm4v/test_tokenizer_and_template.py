@@ -1,4 +1,4 @@
-"""tiktoken tokenizer, the chat template of spec §6, literal encoding, UTF-8-safe streaming detokenization."""
+"""tiktoken tokenizer, the chat template of docs/MODEL.md §6, literal encoding, UTF-8-safe streaming detokenization."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_special_ids_come_from_tokenizer_config(tok, tiny_dir):
 
 
 def test_spec_example_text_only_with_real_ids(real_id_tok):
-    """[gMASK]<sop><|user|>\\n你好<|assistant|> = [151331, 151333, 151336, 198, <你好>, 151337] (spec §6.2)."""
+    """[gMASK]<sop><|user|>\\n你好<|assistant|> = [151331, 151333, 151336, 198, <你好>, 151337] (docs/MODEL.md §6.2)."""
     ids = build_prompt(real_id_tok, [Message("user", "你好")]).ids
     assert ids[:4] == [151331, 151333, 151336, 198]
     assert ids[-1] == 151337
@@ -65,11 +65,19 @@ def test_multi_turn_and_system(tok):
     p = build_prompt(tok, msgs)
     expected = (
         [t("[gMASK]"), t("<sop>")]
-        + [t("<|system|>")] + tok.encode("\n") + tok.encode("Be brief.")
-        + [t("<|user|>")] + tok.encode("\n") + [t("<|begin_of_image|>"), t("<|endoftext|>"), t("<|end_of_image|>")]
+        + [t("<|system|>")]
+        + tok.encode("\n")
+        + tok.encode("Be brief.")
+        + [t("<|user|>")]
+        + tok.encode("\n")
+        + [t("<|begin_of_image|>"), t("<|endoftext|>"), t("<|end_of_image|>")]
         + tok.encode("Q1")
-        + [t("<|assistant|>")] + tok.encode("\n") + tok.encode("A1")
-        + [t("<|user|>")] + tok.encode("\n") + tok.encode("Q2")
+        + [t("<|assistant|>")]
+        + tok.encode("\n")
+        + tok.encode("A1")
+        + [t("<|user|>")]
+        + tok.encode("\n")
+        + tok.encode("Q2")
         + [t("<|assistant|>")]
     )
     assert p.ids == expected
@@ -92,7 +100,9 @@ def test_special_token_text_is_encoded_literally(tok):
     assert tok.decode(ids) == "<|assistant|> [gMASK]"
 
 
-@pytest.mark.parametrize("text", ["Hello, world!", "你好，请描述这张图片。", "mixed 中文 and emoji 🙂🎉 123", "tabs\tand\nnewlines  "])
+@pytest.mark.parametrize(
+    "text", ["Hello, world!", "你好，请描述这张图片。", "mixed 中文 and emoji 🙂🎉 123", "tabs\tand\nnewlines  "]
+)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 

@@ -39,11 +39,14 @@ def test_trained_size_is_bit_identical_to_the_unmodified_model(load_tiny, red_im
 
 def test_resampled_grid_reproduces_a_smooth_field():
     """Position rows sampled from a smooth field on an 80×80 grid, resampled to 40 and 32, match the field."""
+
     def field(g, channels=6):
         c = (torch.arange(g, dtype=torch.float64) + 0.5) / g  # pixel centres in [0, 1]
         y, x = torch.meshgrid(c, c, indexing="ij")
-        chans = [torch.sin(2 * math.pi * (k + 1) * 0.5 * x) * torch.cos(math.pi * (k % 3 + 1) * 0.5 * y)
-                 for k in range(channels)]
+        chans = [
+            torch.sin(2 * math.pi * (k + 1) * 0.5 * x) * torch.cos(math.pi * (k % 3 + 1) * 0.5 * y)
+            for k in range(channels)
+        ]
         return torch.stack(chans, -1).reshape(g * g, channels)
 
     cls = torch.randn(1, 6, dtype=torch.float64)

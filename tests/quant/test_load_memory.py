@@ -33,20 +33,22 @@ def sharded_mid(tmp_path_factory):
     from glm4v.tiny import write_checkpoint
 
     # hidden 1024, 4 layers, 8 shards: big enough that weights dominate the allocator's noise.
-    return write_checkpoint(tmp_path_factory.mktemp("mid") / "m", preset="mid", num_layers=4, vision_layers=1,
-                            shards=8)
+    return write_checkpoint(tmp_path_factory.mktemp("mid") / "m", preset="mid", num_layers=4, vision_layers=1, shards=8)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("precision", ["nf4", "int8"])
 def test_quantized_load_peak_stays_below_the_16bit_size(sharded_mid, precision):
     checkpoint_bytes = sum(f.stat().st_size for f in sharded_mid.glob("*.safetensors"))
-    out = subprocess.run([sys.executable, "-c", PROBE, str(sharded_mid), precision], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(sharded_mid), precision], capture_output=True, text=True, check=True
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     shard = checkpoint_bytes / 8
-    print(f"\n{precision}: bf16 checkpoint {checkpoint_bytes / 2**20:.0f} MiB, quantized {r['weights'] / 2**20:.0f} "
-          f"MiB, peak host growth while loading {r['peak'] / 2**20:.0f} MiB")
+    print(
+        f"\n{precision}: bf16 checkpoint {checkpoint_bytes / 2**20:.0f} MiB, quantized {r['weights'] / 2**20:.0f} "
+        f"MiB, peak host growth while loading {r['peak'] / 2**20:.0f} MiB"
+    )
     largest_linear_fp32 = 2 * 2816 * 1024 * 4  # dense_h_to_4h, as float32 while bitsandbytes quantizes it
     assert r["peak"] < r["weights"] + shard + 3 * largest_linear_fp32  # quantized + a shard + a layer's temporaries
     assert r["peak"] < 0.85 * checkpoint_bytes  # never the 16-bit model

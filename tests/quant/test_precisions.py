@@ -15,8 +15,14 @@ from quant.precision import PrecisionSpec
 # Loose sanity bounds on the tiny random model (cosine similarity of all logits to fp32). The measured values are
 # printed by the test (run with -s) and recorded in docs/PROFILING.md by the eval command on larger models.
 MIN_COSINE = {"bf16": 0.999, "fp16": 0.999, "int8": 0.995, "nf4": 0.85, "fp4": 0.7}
-LAYER_CLASS = {"bf16": nn.Linear, "fp16": nn.Linear, "fp32": nn.Linear, "int8": bnb.nn.Linear8bitLt,
-               "nf4": bnb.nn.Linear4bit, "fp4": bnb.nn.Linear4bit}
+LAYER_CLASS = {
+    "bf16": nn.Linear,
+    "fp16": nn.Linear,
+    "fp32": nn.Linear,
+    "int8": bnb.nn.Linear8bitLt,
+    "nf4": bnb.nn.Linear4bit,
+    "fp4": bnb.nn.Linear4bit,
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,9 @@ def _linears(model, prefix):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "int8", "nf4", "fp4"])
-def test_precision_loads_real_layers_generates_and_stays_close(load_tiny, inputs, fp32_logits, precision,
-                                                               record_property):
+def test_precision_loads_real_layers_generates_and_stays_close(
+    load_tiny, inputs, fp32_logits, precision, record_property
+):
     lm = load_tiny(precision)
     cls = LAYER_CLASS[precision]
     for prefix in ("transformer.encoder", "transformer.vision"):
@@ -54,8 +61,13 @@ def test_precision_loads_real_layers_generates_and_stays_close(load_tiny, inputs
     record_property("cosine_vs_fp32", cos)
     print(f"\n{precision}: cosine vs fp32 {cos:.5f}, top-1 agreement {top1:.3f}")
     assert cos >= MIN_COSINE[precision]
-    text, toks, reason = generate_text(lm.model, lm.tokenizer, inputs[0][0].tolist(), inputs[1][0],
-                                       SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    text, toks, reason = generate_text(
+        lm.model,
+        lm.tokenizer,
+        inputs[0][0].tolist(),
+        inputs[1][0],
+        SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
+    )
     assert len(toks) == 6 and reason == "length"
 
 
@@ -67,10 +79,16 @@ def test_int8_is_closer_to_fp32_than_nf4_closer_than_fp4(load_tiny, inputs, fp32
     assert err["int8"] < err["nf4"] < err["fp4"]
 
 
-@pytest.mark.parametrize("precision,vision,vision_cls", [
-    ("nf4", "bf16", nn.Linear), ("nf4", "int8", bnb.nn.Linear8bitLt), ("int8", "nf4", bnb.nn.Linear4bit),
-    ("bf16", "nf4", bnb.nn.Linear4bit), ("nf4", "fp32", nn.Linear),
-])
+@pytest.mark.parametrize(
+    "precision,vision,vision_cls",
+    [
+        ("nf4", "bf16", nn.Linear),
+        ("nf4", "int8", bnb.nn.Linear8bitLt),
+        ("int8", "nf4", bnb.nn.Linear4bit),
+        ("bf16", "nf4", bnb.nn.Linear4bit),
+        ("nf4", "fp32", nn.Linear),
+    ],
+)
 def test_vision_tower_at_its_own_precision(load_tiny, inputs, precision, vision, vision_cls):
     lm = load_tiny(precision, vision)
     assert all(type(m) is LAYER_CLASS[precision] for m in _linears(lm.model, "transformer.encoder"))
@@ -89,7 +107,12 @@ def test_describe_reports_the_quantization(load_tiny):
     d = load_tiny("nf4", "bf16").describe()
     q = d["quantization"]
     assert (q["method"], q["bits"], q["quant_type"], q["compute_dtype"], q["double_quant"]) == (
-        "bitsandbytes", 4, "nf4", "bfloat16", True)
+        "bitsandbytes",
+        4,
+        "nf4",
+        "bfloat16",
+        True,
+    )
     assert q["skipped_modules"] == ["transformer.output_layer", "transformer.vision"]
     assert q["vision"] == {"method": "none", "bits": 16, "dtype": "bfloat16"}
     assert d["layers"]["lm_head"] == {"Linear": 1}

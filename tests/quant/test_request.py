@@ -20,11 +20,34 @@ def parsed(argv: list[str]) -> argparse.Namespace:
 
 
 def test_from_args_reads_every_model_flag():
-    args = parsed(["--model", "/m", "--precision", "nf4", "--vision-precision", "bf16", "--compute-dtype", "fp16",
-                   "--no-double-quant", "--vision-size", "560", "--device", "cpu"])
+    args = parsed(
+        [
+            "--model",
+            "/m",
+            "--precision",
+            "nf4",
+            "--vision-precision",
+            "bf16",
+            "--compute-dtype",
+            "fp16",
+            "--no-double-quant",
+            "--vision-size",
+            "560",
+            "--device",
+            "cpu",
+        ]
+    )
     r = LoadRequest.from_args(args, batch=8)
-    assert r == LoadRequest(model="/m", precision="nf4", vision_precision="bf16", compute_dtype="fp16",
-                            double_quant=False, vision_size=560, device="cpu", batch=8)
+    assert r == LoadRequest(
+        model="/m",
+        precision="nf4",
+        vision_precision="bf16",
+        compute_dtype="fp16",
+        double_quant=False,
+        vision_size=560,
+        device="cpu",
+        batch=8,
+    )
     with pytest.raises(AttributeError):  # frozen: built once, never mutated on its way through
         r.precision = "int8"
 
@@ -56,15 +79,30 @@ def test_auto_is_decided_once_with_the_requests_context_and_batch(tiny_dir, monk
     r = LoadRequest(model=str(tiny_dir), device="cpu", vision_size=56, context=context, batch=batch).resolve()
     assert r.precision == "fp32" and r.device == "cpu"
     # the tiny checkpoint's seq_length (2048) caps the default context
-    assert seen == dict(device=torch.device("cpu"), vision_size=56, context=min(expected, 2048) if context is None
-                        else expected, batch=batch)
+    assert seen == dict(
+        device=torch.device("cpu"),
+        vision_size=56,
+        context=min(expected, 2048) if context is None else expected,
+        batch=batch,
+    )
 
 
 def test_estimate_is_made_for_exactly_the_request(tiny_dir):
-    r = LoadRequest(model=str(tiny_dir), precision="nf4", vision_precision="bf16", vision_size=56, context=512,
-                    batch=4, double_quant=False)
+    r = LoadRequest(
+        model=str(tiny_dir),
+        precision="nf4",
+        vision_precision="bf16",
+        vision_size=56,
+        context=512,
+        batch=4,
+        double_quant=False,
+    )
     config = r.config()
-    assert r.estimate().total_bytes == estimate(config, precision="nf4", vision_precision="bf16", vision_size=56,
-                                                context=512, batch=4, double_quant=False).total_bytes
+    assert (
+        r.estimate().total_bytes
+        == estimate(
+            config, precision="nf4", vision_precision="bf16", vision_size=56, context=512, batch=4, double_quant=False
+        ).total_bytes
+    )
     with pytest.raises(ValueError, match="resolve"):
         LoadRequest(model=str(tiny_dir)).estimate()

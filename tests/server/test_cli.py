@@ -20,7 +20,6 @@ from server.settings import ServerSettings
 from ..support import REPO, data_url, png_bytes, start_serve, user_with_image
 
 
-
 def parse(argv: list[str]) -> ServerSettings:
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -77,25 +76,53 @@ def test_startup_warnings():
 def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
     image = tmp_path / "photo.png"
     image.write_bytes(png_bytes())
-    proc, url = start_serve(["--model", str(tiny_dir), "--precision", "fp32", "--max-model-len", "1024",
-                             "--shutdown-timeout", "20"], {"GLM4V_API_KEY": "k3y"}, tmp_path / "serve.log")
+    proc, url = start_serve(
+        ["--model", str(tiny_dir), "--precision", "fp32", "--max-model-len", "1024", "--shutdown-timeout", "20"],
+        {"GLM4V_API_KEY": "k3y"},
+        tmp_path / "serve.log",
+    )
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         assert client.models.retrieve("glm-4v-9b").model_dump()["precision"] == "fp32"
-        r = client.chat.completions.create(model="glm-4v-9b", messages=[user_with_image(data_url(png_bytes()))],
-                                           max_tokens=5)
+        r = client.chat.completions.create(
+            model="glm-4v-9b", messages=[user_with_image(data_url(png_bytes()))], max_tokens=5
+        )
         assert r.usage.prompt_tokens > 18 and r.choices[0].finish_reason in ("stop", "length")
         example = subprocess.run(
-            [sys.executable, "examples/chat_client.py", "--base-url", f"{url}/v1", "--image", str(image), "--stream",
-             "--max-tokens", "8", "--follow-up", "Is it spring or winter?", "What is in this image?"],
-            cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "GLM4V_API_KEY": "k3y"})
+            [
+                sys.executable,
+                "examples/chat_client.py",
+                "--base-url",
+                f"{url}/v1",
+                "--image",
+                str(image),
+                "--stream",
+                "--max-tokens",
+                "8",
+                "--follow-up",
+                "Is it spring or winter?",
+                "What is in this image?",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "GLM4V_API_KEY": "k3y"},
+        )
         assert example.returncode == 0, example.stderr
         assert example.stderr.count("[finish_reason=") == 2 and '"prompt_tokens"' in example.stderr
 
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k3y"},
-                          timeout=60) as resp:
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 900,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k3y"}, timeout=60
+        ) as resp:
             lines = resp.iter_lines()
             assert next(lines).startswith("data: ")
             proc.send_signal(signal.SIGTERM)  # the running stream gets to finish (--shutdown-timeout 20)
@@ -111,8 +138,9 @@ def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
 
 
 def test_serve_without_model_runs_the_demo_loudly_and_stops_on_sigint(tmp_path):
-    proc, url = start_serve(["--precision", "fp32"], {"GLM4V_EDGE_CACHE": str(tmp_path / "cache")},
-                            tmp_path / "demo.log")
+    proc, url = start_serve(
+        ["--precision", "fp32"], {"GLM4V_EDGE_CACHE": str(tmp_path / "cache")}, tmp_path / "demo.log"
+    )
     try:
         card = httpx.get(f"{url}/v1/models").json()["data"][0]
         assert card["demo"] is True and card["root"] == "demo-tiny"

@@ -44,24 +44,49 @@ CASES = [
     ("all-empty", msg(""), 400, None, "messages", "empty"),
     ("unknown-role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages.0.role", "wizard"),
     ("tool-role", {"messages": [{"role": "tool", "content": "42"}]}, 400, None, "messages.0.role", "tool"),
-    ("audio-part", msg([{"type": "input_audio", "input_audio": {"data": "x"}}]), 400, None, "messages.0.content.0",
-     "input_audio"),
+    (
+        "audio-part",
+        msg([{"type": "input_audio", "input_audio": {"data": "x"}}]),
+        400,
+        None,
+        "messages.0.content.0",
+        "input_audio",
+    ),
     ("bad-base64", image_msg("data:image/png;base64,@@@not*base64@@@"), 400, None, "messages.0.content.1", "base64"),
     ("not-an-image", image_msg(data_url(b"hello, these bytes are not an image")), 400, None, None, "image"),
     ("one-pixel", image_msg(data_url(png_bytes((1, 1)))), 400, None, None, "at least"),
     ("too-many-pixels", image_msg(data_url(png_bytes((1200, 1000)))), 413, "payload_too_large", None, "pixels"),
     ("too-many-bytes", image_msg(data_url(os.urandom(210_000))), 413, "payload_too_large", None, "limit"),
-    ("two-images", {"messages": [user_with_image(data_url(png_bytes())), user_with_image(data_url(png_bytes()))]},
-     400, "too_many_images", "messages.1.content.1", "one image"),
-    ("metadata-ip", image_msg("http://169.254.169.254/latest/meta-data/"), 400, "image_url_forbidden", None,
-     "non-public"),
+    (
+        "two-images",
+        {"messages": [user_with_image(data_url(png_bytes())), user_with_image(data_url(png_bytes()))]},
+        400,
+        "too_many_images",
+        "messages.1.content.1",
+        "one image",
+    ),
+    (
+        "metadata-ip",
+        image_msg("http://169.254.169.254/latest/meta-data/"),
+        400,
+        "image_url_forbidden",
+        None,
+        "non-public",
+    ),
     ("localhost", image_msg("http://localhost:9/x.png"), 400, "image_url_forbidden", None, "non-public"),
     ("mapped-loopback", image_msg("http://[::ffff:127.0.0.1]:9/x.png"), 400, "image_url_forbidden", None, ""),
     ("ftp", image_msg("ftp://example.com/x.png"), 400, None, None, "scheme"),
     ("etc-passwd", image_msg("file:///etc/passwd"), 400, None, None, "outside"),
     ("unknown-model", {**GOOD, "model": "gpt-4o"}, 404, "model_not_found", "model", "gpt-4o"),
     ("overflow", {**GOOD, "max_tokens": 250}, 400, "context_length_exceeded", "messages", "256 tokens"),
-    ("prompt-too-long", {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded", "messages", "no room"),
+    (
+        "prompt-too-long",
+        {"messages": [{"role": "user", "content": "word " * 400}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+        "no room",
+    ),
     ("n2", {**GOOD, "n": 2}, 400, None, "n", "n > 1"),
     ("logprobs", {**GOOD, "logprobs": True}, 400, None, "logprobs", ""),
     ("tools", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools", "tool"),
@@ -70,10 +95,29 @@ CASES = [
     ("hot", {**GOOD, "temperature": 5}, 400, None, "temperature", ""),
     ("zero-tokens", {**GOOD, "max_tokens": 0}, 400, None, "max_tokens", ""),
     ("huge-seed", {**GOOD, "seed": 2**70}, 400, None, "seed", ""),
-    ("detail-ultra", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png_bytes()), "detail": "ultra"}}]}]}, 400, None, None, ""),
-    ("body-too-large", {"messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, "payload_too_large", None,
-     "max-request-bytes"),
+    (
+        "detail-ultra",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes()), "detail": "ultra"}}],
+                }
+            ]
+        },
+        400,
+        None,
+        None,
+        "",
+    ),
+    (
+        "body-too-large",
+        {"messages": [{"role": "user", "content": "x" * 1_100_000}]},
+        413,
+        "payload_too_large",
+        None,
+        "max-request-bytes",
+    ),
 ]
 
 
@@ -119,8 +163,15 @@ def test_multi_image_policy_first_keeps_the_first_image(base_settings, tiny_fp32
     two = {"messages": [user_with_image(red), user_with_image(blue)], "max_tokens": 4, "temperature": 0}
     with serve(replace(base_settings, multi_image="first"), tiny_fp32) as s:
         both = s.post(two).json()
-        first = s.post({**two, "messages": [user_with_image(red), {"role": "user", "content": [
-            {"type": "text", "text": "What is in this image?"}]}]}).json()
+        first = s.post(
+            {
+                **two,
+                "messages": [
+                    user_with_image(red),
+                    {"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]},
+                ],
+            }
+        ).json()
         assert both["choices"][0]["message"] == first["choices"][0]["message"]
         assert both["usage"] == first["usage"]
 

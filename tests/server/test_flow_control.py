@@ -15,8 +15,13 @@ import quant
 
 from ..support import SlowHooks, serve
 
-LONG = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 200,
-        "temperature": 0, "ignore_eos": True}
+LONG = {
+    "model": "glm-4v-9b",
+    "messages": [{"role": "user", "content": "go on"}],
+    "max_tokens": 200,
+    "temperature": 0,
+    "ignore_eos": True,
+}
 
 
 def metric(server, name: str, missing_ok: bool = False, **labels) -> float:
@@ -65,8 +70,11 @@ def test_full_queue_answers_429_with_retry_after(slow):
         a_lines = a.iter_lines()  # keep the generator: dropping it closes the connection
         next(a_lines)  # a holds the only batch slot
         queued: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: queued.append(httpx.post(
-            f"{slow.url}/v1/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)))
+        t = threading.Thread(
+            target=lambda: queued.append(
+                httpx.post(f"{slow.url}/v1/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
+            )
+        )
         t.start()
         slow.wait(lambda: engine.stats().waiting == 1)
         assert metric(slow, "glm4v_requests_waiting") == 1
@@ -84,9 +92,15 @@ def test_request_timeout(base_settings, tiny_fp32):
         r = httpx.post(f"{s.url}/v1/chat/completions", json=LONG, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         assert r.headers["x-should-retry"] == "false"
-        stream = s.client().chat.completions.create(stream=True, stream_options={"include_usage": True},
-                                                    model="glm-4v-9b", messages=LONG["messages"], max_tokens=200,
-                                                    temperature=0, extra_body={"ignore_eos": True})
+        stream = s.client().chat.completions.create(
+            stream=True,
+            stream_options={"include_usage": True},
+            model="glm-4v-9b",
+            messages=LONG["messages"],
+            max_tokens=200,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         chunks = list(stream)  # ends cleanly: final chunk + usage + [DONE]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert 0 < chunks[-1].usage.completion_tokens < 200
@@ -105,6 +119,7 @@ def test_out_of_memory_fails_the_request_and_the_server_keeps_serving(base_setti
                 fail[kind] -= 1
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return real(*a, **kw)
+
         return wrapped
 
     lm.model.forward_embeds, lm.model.forward = oom("prefill", prefill), oom("decode", decode)
@@ -126,8 +141,12 @@ def test_out_of_memory_fails_the_request_and_the_server_keeps_serving(base_setti
 
 def test_graceful_shutdown_ends_streams_cleanly(base_settings, tiny_fp32):
     with serve(replace(base_settings, shutdown_timeout=0.3), tiny_fp32, hooks=SlowHooks(0.01)) as s:
-        with httpx.stream("POST", f"{s.url}/v1/chat/completions", timeout=30,
-                          json={**LONG, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        with httpx.stream(
+            "POST",
+            f"{s.url}/v1/chat/completions",
+            timeout=30,
+            json={**LONG, "stream": True, "stream_options": {"include_usage": True}},
+        ) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             s.server.should_exit = True  # what SIGTERM does

@@ -11,10 +11,32 @@ import pytest
 
 BASE = {"model": "glm-4v-9b", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 WRONG_VALUES = [None, 0, -1, 1.5, 10**30, "x", "", [], {}, [1], {"a": 1}, True, 1e308, "\x00", "🙂" * 3]
-FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-          "presence_penalty", "frequency_penalty", "logit_bias", "user", "messages", "stream_options",
-          "response_format", "tools", "tool_choice", "logprobs", "top_logprobs", "top_k", "repetition_penalty",
-          "ignore_eos", "stop_token_ids"]
+FIELDS = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "messages",
+    "stream_options",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "logprobs",
+    "top_logprobs",
+    "top_k",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+]
 
 
 def _part(**kw):
@@ -22,15 +44,24 @@ def _part(**kw):
 
 
 BAD_MESSAGES = [
-    {"role": "user"}, {"role": "user", "content": None}, {"role": "bogus", "content": "x"}, {"content": "x"},
-    _part(type="image_url"), _part(type="image_url", image_url={"url": 5}),
+    {"role": "user"},
+    {"role": "user", "content": None},
+    {"role": "bogus", "content": "x"},
+    {"content": "x"},
+    _part(type="image_url"),
+    _part(type="image_url", image_url={"url": 5}),
     _part(type="image_url", image_url={"url": "data:image/png;base64,!!!"}),
     _part(type="image_url", image_url={"url": "file:///etc/passwd"}),
     _part(type="image_url", image_url={"url": "http://169.254.169.254/x.png"}),
-    _part(type="input_audio", input_audio={}), _part(type="text"), _part(type="text", text=5),
-    {"role": "assistant", "content": "only assistant"}, {"role": "tool", "content": "x"},
+    _part(type="input_audio", input_audio={}),
+    _part(type="text"),
+    _part(type="text", text=5),
+    {"role": "assistant", "content": "only assistant"},
+    {"role": "tool", "content": "x"},
     {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
-    5, "str", None,
+    5,
+    "str",
+    None,
 ]
 BAD_BODIES = [b"", b"{", b"[]", b"null", b"\xff\xfe", b'{"messages": []}', b"1" * 100]
 

@@ -81,8 +81,10 @@ def test_idle_and_half_sent_request_heads_are_closed(strict):
 def test_a_slow_body_gets_408_in_the_envelope(strict):
     s = raw_connect(strict.url)
     body = json.dumps(HI).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     started = time.monotonic()
     for byte in body[:2]:  # one byte every 0.2 s, then nothing: a body that would take forever
         s.sendall(bytes([byte]))
@@ -111,13 +113,22 @@ def test_connections_over_the_cap_are_refused_at_once_and_health_recovers(strict
 
 def test_request_timeout_covers_the_preparation(base_settings, tiny_fp32, monkeypatch):
     with serve(replace(base_settings, request_timeout=0.5), tiny_fp32) as s:
+
         async def stalled(url):
             await asyncio.sleep(30)
 
         monkeypatch.setattr(s.runtime.images, "load_bytes", stalled)
         started = time.monotonic()
-        r = s.post({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]})
+        r = s.post(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+                    }
+                ]
+            }
+        )
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         assert time.monotonic() - started < 5
 
@@ -127,8 +138,12 @@ def test_a_connection_flood_under_a_small_file_limit_neither_locks_out_health_no
         resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
 
     log_path = tmp_path / "serve.log"
-    proc, url = start_serve(["--model", str(tiny_dir), "--precision", "fp32", "--header-timeout", "2"], {},
-                            log_path, preexec_fn=small_fd_limit)
+    proc, url = start_serve(
+        ["--model", str(tiny_dir), "--precision", "fp32", "--header-timeout", "2"],
+        {},
+        log_path,
+        preexec_fn=small_fd_limit,
+    )
     socks = []
     try:
         assert "--max-connections 128 lowered to" in log_path.read_text()
@@ -160,9 +175,15 @@ def test_the_accept_error_log_line_is_rate_limited():
     f = RateLimitFilter("socket.accept() out of system resource", interval_s=60)
 
     def record():
-        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
-                                 "socket.accept() out of system resource\nsocket: <x>", None,
-                                 (OSError, OSError(24, "Too many open files"), None))
+        return logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            __file__,
+            1,
+            "socket.accept() out of system resource\nsocket: <x>",
+            None,
+            (OSError, OSError(24, "Too many open files"), None),
+        )
 
     first = record()
     assert f.filter(first) and first.exc_info is None
@@ -187,8 +208,14 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(api, monk
     assert limit == api.runtime.engine.max_model_len * tok.max_token_bytes
     calls = []
     monkeypatch.setattr(tok, "encode", lambda text: calls.append(len(text)) or [])
-    r = api.post({"messages": [{"role": "system", "content": "x" * (limit // 2)},
-                               {"role": "user", "content": "y" * (limit // 2 + 1)}]})
+    r = api.post(
+        {
+            "messages": [
+                {"role": "system", "content": "x" * (limit // 2)},
+                {"role": "user", "content": "y" * (limit // 2 + 1)},
+            ]
+        }
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert "characters" in r.json()["error"]["message"]
     assert calls == []
@@ -205,8 +232,11 @@ def test_preparation_is_bounded_and_admission_past_it_is_429(base_settings, tiny
             raise AssertionError("not reached")
 
         monkeypatch.setattr(s.runtime.images, "load_bytes", slow)
-        image = {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}
+        image = {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}
+            ]
+        }
 
         async def scenario():
             async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
@@ -232,14 +262,17 @@ def test_default_limits_fit_one_full_size_image_with_room_to_spare():
 # ---- 6. Host and Content-Type -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.nip.io", "192.168.1.5"])
 def test_a_keyless_loopback_server_refuses_foreign_host_names(api, host):
-    for r in (httpx.get(f"{api.url}/v1/models", headers={"Host": host}),
-              httpx.post(f"{api.url}/v1/chat/completions", json=HI, headers={"Host": host})):
+    for r in (
+        httpx.get(f"{api.url}/v1/models", headers={"Host": host}),
+        httpx.post(f"{api.url}/v1/chat/completions", json=HI, headers={"Host": host}),
+    ):
         assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
         assert "--allowed-hosts" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1", "127.1.2.3:80", "[::1]:8000",
-                                  "app.localhost"])
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:8000", "127.0.0.1", "127.1.2.3:80", "[::1]:8000", "app.localhost"]
+)
 def test_loopback_host_names_are_served(api, host):
     assert httpx.get(f"{api.url}/v1/models", headers={"Host": host}).status_code == 200
 
@@ -253,11 +286,14 @@ def test_allowed_hosts_and_api_keys(base_settings, tiny_fp32):
 
 
 # ---- 7. client input that used to be a 500 ------------------------------------------------------------------------
-@pytest.mark.parametrize("body", [
-    b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
-    b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
-    b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+    ],
+)
 def test_unparseable_numbers_are_400(api, body):
     r = api.post(content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
@@ -267,8 +303,10 @@ def test_unparseable_numbers_are_400(api, body):
 def test_a_client_gone_mid_upload_is_a_quiet_499(api, caplog):
     caplog.set_level(logging.INFO)
     s = raw_connect(api.url)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 1000\r\n\r\n{"messages": ['
+    )
     time.sleep(0.3)
     s.close()
     api.wait(lambda: "client disconnected while sending its request" in caplog.text)
@@ -294,12 +332,24 @@ def test_head_health_and_paths_with_extra_slashes(api):
 
 # ---- 1. one request cannot end the others' generation -------------------------------------------------------------
 BAD_BUT_ACCEPTED = [
-    {"temperature": 1e-300}, {"temperature": 5e-324}, {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 0},
-    {"temperature": 2, "top_p": 1e-300}, {"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300},
+    {"temperature": 1e-300},
+    {"temperature": 5e-324},
+    {"top_p": 1e-300},
+    {"top_p": 5e-324},
+    {"top_p": 0},
+    {"temperature": 2, "top_p": 1e-300},
+    {"repetition_penalty": 1e-300},
+    {"repetition_penalty": 1e300},
     {"temperature": 1e-300, "presence_penalty": 2, "frequency_penalty": -2, "top_k": 1},
 ]
-OUT_OF_RANGE = [{"temperature": -1e-300}, {"temperature": 2.0000001}, {"top_p": 1.5}, {"repetition_penalty": 0},
-                {"presence_penalty": 2.5}, {"top_k": -2}]
+OUT_OF_RANGE = [
+    {"temperature": -1e-300},
+    {"temperature": 2.0000001},
+    {"top_p": 1.5},
+    {"repetition_penalty": 0},
+    {"presence_penalty": 2.5},
+    {"top_k": -2},
+]
 
 
 def finished_with(metrics_text: str, reason: str) -> float:
@@ -321,8 +371,13 @@ def test_extreme_sampling_values_never_disturb_running_streams(base_settings, ti
         def stream_one(i: int) -> tuple[str, str]:
             parts, reason = [], None
             for chunk in client.chat.completions.create(
-                    model="glm-4v-9b", stream=True, max_tokens=200, temperature=0,
-                    messages=[{"role": "user", "content": f"stream {i}"}], extra_body={"ignore_eos": True}):
+                model="glm-4v-9b",
+                stream=True,
+                max_tokens=200,
+                temperature=0,
+                messages=[{"role": "user", "content": f"stream {i}"}],
+                extra_body={"ignore_eos": True},
+            ):
                 if chunk.choices:
                     parts.append(chunk.choices[0].delta.content or "")
                     reason = chunk.choices[0].finish_reason or reason

@@ -22,8 +22,10 @@ from ..support import data_url, png_bytes, user_with_image
 GOOD = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ACCEPTED = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")  # what the 400 must name (docs/SERVER.md)
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
-       b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+)
 
 
 def image_msg(url: str) -> dict:
@@ -38,14 +40,19 @@ def saved(fmt: str, size=(32, 32)) -> bytes:
 
 def big_png(w: int, h: int) -> bytes:
     """A w×h grayscale PNG of zeros, built by hand: a few KB on the wire, w·h pixels when decoded."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     comp = zlib.compressobj(9)
     row = b"\0" * (w + 1)
     idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def ico_around(png: bytes) -> bytes:
@@ -74,7 +81,7 @@ def fake_gs(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
     # Control: without an allow-list Pillow really runs our gs for this EPS, so the test below can see a call.
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 — whatever Pillow raises: the point is that gs ran
         with Image.open(io.BytesIO(EPS)) as im:
             im.load()
     assert marker.exists(), "Pillow did not call the stand-in gs: the test would prove nothing"
@@ -88,9 +95,11 @@ def plugin_opens(monkeypatch):
     """Records every _open of the ICO, ICNS and EPS plugins (ICO/ICNS decode their frames while opening)."""
     calls = []
     for cls in (IcoImagePlugin.IcoImageFile, IcnsImagePlugin.IcnsImageFile, EpsImagePlugin.EpsImageFile):
+
         def wrapped(self, _orig=cls._open, _name=cls.format):
             calls.append(_name)
             return _orig(self)
+
         monkeypatch.setattr(cls, "_open", wrapped)
     return calls
 
@@ -122,8 +131,11 @@ def test_library_path_refuses_eps_without_ghostscript(fake_gs, plugin_opens):
 
 @pytest.mark.parametrize("kind", ["ico", "icns", "ico-16M-pixel-frame"])
 def test_icon_formats_are_400_naming_the_accepted_formats_without_decoding(api, plugin_opens, kind):
-    data = {"ico": lambda: saved("ICO"), "icns": lambda: saved("ICNS"),
-            "ico-16M-pixel-frame": lambda: ico_around(big_png(4000, 4000))}[kind]()
+    data = {
+        "ico": lambda: saved("ICO"),
+        "icns": lambda: saved("ICNS"),
+        "ico-16M-pixel-frame": lambda: ico_around(big_png(4000, 4000)),
+    }[kind]()
     t0 = time.monotonic()
     r = api.post(image_msg(data_url(data, "image/x-icon")))
     elapsed = time.monotonic() - t0
@@ -170,8 +182,9 @@ def _raw_post(api, url: str):
     return api.post(content=body.encode("ascii"), headers={"Content-Type": "application/json"})
 
 
-@pytest.mark.parametrize("name", ["nul-tmp", "nul-inside", "nul-escaped-json", "surrogate-json", "surrogate-pct",
-                                  "bad-ipv6-netloc"])
+@pytest.mark.parametrize(
+    "name", ["nul-tmp", "nul-inside", "nul-escaped-json", "surrogate-json", "surrogate-pct", "bad-ipv6-netloc"]
+)
 def test_unencodable_file_urls_are_400_and_the_server_keeps_serving(api, media_dir, name):
     url = {
         "nul-tmp": "file:///tmp/a%00b.png",

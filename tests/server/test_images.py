@@ -20,42 +20,96 @@ from ..support import png_bytes
 PNG = png_bytes()
 
 
-@pytest.mark.parametrize("address,public", [
-    ("8.8.8.8", True), ("2606:4700::1111", True), ("::ffff:8.8.8.8", True),
-    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
-    ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
-    ("255.255.255.255", False), ("::1", False), ("fe80::1%eth0", False), ("fc00::1", False),
-    ("::ffff:127.0.0.1", False), ("64:ff9b::7f00:1", False), ("2002:7f00:1::", False), ("ff02::1", False),
-])
+@pytest.mark.parametrize(
+    "address,public",
+    [
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("255.255.255.255", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("64:ff9b::7f00:1", False),
+        ("2002:7f00:1::", False),
+        ("ff02::1", False),
+    ],
+)
 def test_address_classification(address, public):
     assert is_public_address(address) is public
 
 
-@pytest.mark.parametrize("address", [
-    "::7f00:1", "::a00:1", "::a9fe:a9fe", "::c0a8:101",  # IPv4-compatible ::/96 (deprecated) of private targets
-    "::ffff:0:a00:1", "::ffff:0:7f00:1", "::ffff:0:a9fe:a9fe",  # SIIT / IPv4-translated ::ffff:0:0:0/96
-    "::ffff:a00:1", "::ffff:169.254.169.254",  # IPv4-mapped
-    "64:ff9b:1::a00:1", "64:ff9b:1::808:808", "64:ff9b:1:ffff::1",  # local-use NAT64 64:ff9b:1::/48: never public
-    "64:ff9b::a00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::e000:1",  # well-known NAT64 of private / multicast v4
-    "2002:a00:1::1", "2002:a9fe:a9fe::", "2002:c0a8:101::1",  # 6to4 of private v4
-    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo: client 10.0.0.1 (obfuscated)
-    "2001:0:a00:1:8000:63bf:f7f7:f7f7",  # Teredo: server 10.0.0.1, client 8.8.8.8
-    "fec0::1", "fec0:1:2:3::4", "feff::1",  # site-local fec0::/10
-    "fc00::1", "fd12:3456::1",  # unique local fc00::/7
-    "fe80::1", "fe80::1%2",  # link-local
-    "::", "::1", "ff0e::1", "ff02::1",  # unspecified, loopback, multicast
-    "2001:db8::1", "3fff::1", "100::1",  # documentation, discard-only
-    "4000::1", "e000::1",  # outside global unicast 2000::/3
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::7f00:1",
+        "::a00:1",
+        "::a9fe:a9fe",
+        "::c0a8:101",  # IPv4-compatible ::/96 (deprecated) of private targets
+        "::ffff:0:a00:1",
+        "::ffff:0:7f00:1",
+        "::ffff:0:a9fe:a9fe",  # SIIT / IPv4-translated ::ffff:0:0:0/96
+        "::ffff:a00:1",
+        "::ffff:169.254.169.254",  # IPv4-mapped
+        "64:ff9b:1::a00:1",
+        "64:ff9b:1::808:808",
+        "64:ff9b:1:ffff::1",  # local-use NAT64 64:ff9b:1::/48: never public
+        "64:ff9b::a00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b::e000:1",  # well-known NAT64 of private / multicast v4
+        "2002:a00:1::1",
+        "2002:a9fe:a9fe::",
+        "2002:c0a8:101::1",  # 6to4 of private v4
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo: client 10.0.0.1 (obfuscated)
+        "2001:0:a00:1:8000:63bf:f7f7:f7f7",  # Teredo: server 10.0.0.1, client 8.8.8.8
+        "fec0::1",
+        "fec0:1:2:3::4",
+        "feff::1",  # site-local fec0::/10
+        "fc00::1",
+        "fd12:3456::1",  # unique local fc00::/7
+        "fe80::1",
+        "fe80::1%2",  # link-local
+        "::",
+        "::1",
+        "ff0e::1",
+        "ff02::1",  # unspecified, loopback, multicast
+        "2001:db8::1",
+        "3fff::1",
+        "100::1",  # documentation, discard-only
+        "4000::1",
+        "e000::1",  # outside global unicast 2000::/3
+    ],
+)
 def test_ipv6_forms_of_non_public_targets_are_refused(address):
     assert is_public_address(address) is False
 
 
-@pytest.mark.parametrize("address", [
-    "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2001:4860:4860::8888", "2a00:1450:4001::200e",
-    "64:ff9b::808:808", "64:ff9b::8.8.8.8", "::ffff:8.8.8.8", "::ffff:0:808:808", "::808:808", "2002:808:808::1",
-    "2001:0:808:808:8000:63bf:f7f7:f7f7",  # Teredo: server 8.8.8.8, client 8.8.8.8
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "2001:4860:4860::8888",
+        "2a00:1450:4001::200e",
+        "64:ff9b::808:808",
+        "64:ff9b::8.8.8.8",
+        "::ffff:8.8.8.8",
+        "::ffff:0:808:808",
+        "::808:808",
+        "2002:808:808::1",
+        "2001:0:808:808:8000:63bf:f7f7:f7f7",  # Teredo: server 8.8.8.8, client 8.8.8.8
+    ],
+)
 def test_public_addresses_stay_allowed(address):
     assert is_public_address(address) is True
 
@@ -97,6 +151,7 @@ def test_any_private_answer_in_dns_refuses_the_host(loader, monkeypatch):
 
 def test_connection_goes_to_the_checked_address(loader, monkeypatch):
     """The URL is rewritten to the resolved IP, with the original Host header and TLS server name."""
+
     async def fake_getaddrinfo(host, port, **kw):
         return [(10, 1, 6, "", ("2606:4700::1111", port, 0, 0))]
 
@@ -115,24 +170,30 @@ def test_redirect_limit(loader, image_site):
         run(loader.fetch(f"{image_site}/redirect/redirect/red.png"))
 
 
-@pytest.mark.parametrize("url", [
-    "data:image/png;base64," + base64.b64encode(PNG).decode(),
-    "data:image/png;base64," + "\n".join(base64.b64encode(PNG).decode()[i:i + 76] for i in range(0, 3000, 76)),
-    "data:image/png;base64," + base64.urlsafe_b64encode(PNG).decode().rstrip("="),
-    "data:;base64," + base64.b64encode(PNG).decode(),
-    base64.b64encode(PNG).decode(),  # bare base64, as Ollama and llama.cpp accept
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png;base64," + base64.b64encode(PNG).decode(),
+        "data:image/png;base64," + "\n".join(base64.b64encode(PNG).decode()[i : i + 76] for i in range(0, 3000, 76)),
+        "data:image/png;base64," + base64.urlsafe_b64encode(PNG).decode().rstrip("="),
+        "data:;base64," + base64.b64encode(PNG).decode(),
+        base64.b64encode(PNG).decode(),  # bare base64, as Ollama and llama.cpp accept
+    ],
+)
 def test_data_url_variants(loader, url):
     assert run(loader.load_bytes(url)) == PNG
 
 
-@pytest.mark.parametrize("url,error", [
-    ("data:image/png,rawbytes", BadRequest),
-    ("data:image/png;base64,", BadRequest),
-    ("see attached image!", BadRequest),
-    ("C:\\images\\cat.png", BadRequest),
-    ("data:image/png;base64," + "A" * 200_000, PayloadTooLarge),
-])
+@pytest.mark.parametrize(
+    "url,error",
+    [
+        ("data:image/png,rawbytes", BadRequest),
+        ("data:image/png;base64,", BadRequest),
+        ("see attached image!", BadRequest),
+        ("C:\\images\\cat.png", BadRequest),
+        ("data:image/png;base64," + "A" * 200_000, PayloadTooLarge),
+    ],
+)
 def test_bad_data_urls(loader, url, error):
     with pytest.raises(error):
         run(loader.load_bytes(url))

@@ -32,8 +32,10 @@ def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
 
 @pytest.fixture(scope="module")
 def nf4_keyed(base_settings, load_tiny):
-    with serve(replace(base_settings, api_key="s3cret-key", served_model_name="glm-4v-9b, glm4v",
-                       compile="reduce-overhead"), load_tiny("nf4")) as s:
+    with serve(
+        replace(base_settings, api_key="s3cret-key", served_model_name="glm-4v-9b, glm4v", compile="reduce-overhead"),
+        load_tiny("nf4"),
+    ) as s:
         yield s
 
 
@@ -50,7 +52,8 @@ def test_nf4_model_says_nf4_with_real_bitsandbytes_layers(nf4_keyed):
     assert card["compile"]["error"].startswith("ignored on cpu")
     # and generation runs through them, image included
     r = nf4_keyed.client("s3cret-key").chat.completions.create(
-        model="glm4v", messages=[user_with_image(data_url(png_bytes()))], max_tokens=4)
+        model="glm4v", messages=[user_with_image(data_url(png_bytes()))], max_tokens=4
+    )
     assert r.model == "glm4v" and r.usage.completion_tokens >= 1 and r.system_fingerprint.endswith("-nf4")
 
 
@@ -59,11 +62,17 @@ def test_aliases_are_all_listed(nf4_keyed):
     assert ids == ["glm-4v-9b", "glm4v"]
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
-                                     {"Authorization": "Basic s3cret-key"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}, {"Authorization": "Basic s3cret-key"}],
+)
 def test_every_v1_route_needs_the_key(nf4_keyed, headers):
-    for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/glm-4v-9b"), ("GET", "/v1/models/nope"),
-                         ("POST", "/v1/chat/completions")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/glm-4v-9b"),
+        ("GET", "/v1/models/nope"),
+        ("POST", "/v1/chat/completions"),
+    ):
         r = httpx.request(method, f"{nf4_keyed.url}{path}", headers=headers, json={"messages": "broken"})
         assert r.status_code == 401, (path, r.text)  # before body validation: no probing without a key
         assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
@@ -73,10 +82,12 @@ def test_every_v1_route_needs_the_key(nf4_keyed, headers):
 
 def test_openai_client_with_and_without_the_key(nf4_keyed):
     with pytest.raises(openai.AuthenticationError):
-        nf4_keyed.client("not-it").chat.completions.create(model="glm-4v-9b", messages=[
-            {"role": "user", "content": "hi"}])
-    ok = nf4_keyed.client("s3cret-key").chat.completions.create(model="glm-4v-9b", max_tokens=2, messages=[
-        {"role": "user", "content": "hi"}])
+        nf4_keyed.client("not-it").chat.completions.create(
+            model="glm-4v-9b", messages=[{"role": "user", "content": "hi"}]
+        )
+    ok = nf4_keyed.client("s3cret-key").chat.completions.create(
+        model="glm-4v-9b", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
@@ -115,13 +126,20 @@ def test_failed_load_reports_and_stops(base_settings):
 
 
 def test_metrics_expose_queue_tokens_latency_and_precision(api):
-    api.client().chat.completions.create(model="glm-4v-9b", max_tokens=3, messages=[
-        {"role": "user", "content": "hi"}])
+    api.client().chat.completions.create(model="glm-4v-9b", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(f"{api.url}/metrics").text
-    for series in ("glm4v_requests_waiting", "glm4v_requests_running", "glm4v_prompt_tokens_total",
-                   "glm4v_generation_tokens_total", "glm4v_time_to_first_token_seconds_bucket",
-                   "glm4v_time_per_output_token_seconds_bucket", "glm4v_e2e_request_latency_seconds_count",
-                   "glm4v_kv_cache_bytes", "glm4v_model_weight_bytes", "process_resident_memory_bytes"):
+    for series in (
+        "glm4v_requests_waiting",
+        "glm4v_requests_running",
+        "glm4v_prompt_tokens_total",
+        "glm4v_generation_tokens_total",
+        "glm4v_time_to_first_token_seconds_bucket",
+        "glm4v_time_per_output_token_seconds_bucket",
+        "glm4v_e2e_request_latency_seconds_count",
+        "glm4v_kv_cache_bytes",
+        "glm4v_model_weight_bytes",
+        "process_resident_memory_bytes",
+    ):
         assert series in text, series
     assert 'glm4v_model_info{demo="false",device="cpu",model="glm-4v-9b",precision="fp32"' in text
     assert 'glm4v_requests_total{model="glm-4v-9b",precision="fp32",status="200"}' in text
@@ -130,8 +148,11 @@ def test_metrics_expose_queue_tokens_latency_and_precision(api):
 
 
 def test_cors_only_when_configured(api, base_settings, tiny_fp32):
-    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     r = httpx.options(f"{api.url}/v1/chat/completions", headers=preflight)
     assert "access-control-allow-origin" not in r.headers
     with serve(replace(base_settings, cors_origins="http://app.example", api_key="k"), tiny_fp32) as s:
@@ -152,8 +173,9 @@ def test_serving_a_synthetic_model(base_settings):
         card = srv.client().models.list().data[0].model_dump()
         assert card["precision"] == "nf4" and card["demo"] is True
         assert card["layers"]["language_model"] == {"Linear4bit": 8}
-        reply = srv.client().chat.completions.create(model=card["id"], max_tokens=3, temperature=0,
-                                                     messages=[{"role": "user", "content": "hi"}])
+        reply = srv.client().chat.completions.create(
+            model=card["id"], max_tokens=3, temperature=0, messages=[{"role": "user", "content": "hi"}]
+        )
         assert reply.usage.completion_tokens >= 1
 
 
@@ -163,8 +185,8 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
 
     import pytest
 
-    from quant.estimate import estimate, max_context_that_fits
     from engine import choose_max_model_len
+    from quant.estimate import estimate, max_context_that_fits
 
     lm = load_tiny("nf4")
     s = replace(base_settings, max_model_len=None, max_batch_size=8)

@@ -1,0 +1,109 @@
+"""OpenAI chat request → engine request, in one place and built once: the model name, the unsupported options, the
+conversation and its image (fetched and preprocessed off the event loop), the one generation prompt, the completion
+budget against the context, and the sampling parameters (OpenAI's defaults where the client is silent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from engine import GenerationRequest
+from glm4v import Message, SamplingParams, expanded_length, generation_prompt
+from glm4v.chat_template import TemplateError
+
+from .conversation import build_conversation
+from .errors import APIError, BadRequest, ContextLengthExceeded, ModelNotFound
+from .protocol import ChatCompletionRequest, unsupported_features
+from .runtime import Runtime
+
+
+@dataclass
+class PreparedChat:
+    id: str
+    created: int
+    model: str
+    stream: bool
+    include_usage: bool
+    generation: GenerationRequest
+
+
+def resolve_model(name: str | None, served: list[str]) -> str:
+    if not name:
+        return served[0]
+    if name in served:
+        return name
+    raise ModelNotFound(
+        f"model {name!r} does not exist; this server serves {', '.join(map(repr, served))}", param="model"
+    )
+
+
+def _prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    try:
+        return generation_prompt(tokenizer, messages).ids
+    except TemplateError as e:
+        raise BadRequest(str(e), param="messages") from None
+
+
+def _sampling(req: ChatCompletionRequest, max_new_tokens: int) -> SamplingParams:
+    """OpenAI defaults where the client is silent: temperature 1, top_p 1, no penalties."""
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0),
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed,
+            stop=req.stop_list,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _completion_budget(req: ChatCompletionRequest, prompt_tokens: int, max_model_len: int, default: int) -> int:
+    room = max_model_len - prompt_tokens
+    asked = req.completion_limit
+    if asked is None and room >= 1:
+        return min(default, room)
+    if asked is not None and asked <= room:
+        return asked
+    wanted = (
+        f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion)"
+        if asked is not None
+        else f"{prompt_tokens} tokens in the messages, leaving no room for a completion"
+    )
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted}. "
+        "Please reduce the length of the messages or the completion (an image counts as its embeddings).",
+        param="messages",
+    )
+
+
+async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
+    model = resolve_model(req.model, rt.settings.model_names)
+    unsupported_features(req)
+    lm, loop = rt.loaded, asyncio.get_running_loop()
+    conv = await loop.run_in_executor(rt.pool, build_conversation, req.messages, rt.settings.multi_image)
+    pixel_values = None
+    if conv.image is not None:
+        size = rt.low_detail_size if conv.image.detail == "low" else lm.vision_size
+        try:
+            data = await rt.images.load_bytes(conv.image.url)
+            pixel_values = await loop.run_in_executor(rt.pool, rt.images.preprocess, data, lm.image_processor, size)
+        except APIError as e:
+            e.param = e.param or conv.image.param
+            raise
+    ids = await loop.run_in_executor(rt.pool, _prompt_ids, lm.tokenizer, conv.messages)
+    image_tokens = lm.image_tokens(pixel_values.shape[-1]) if pixel_values is not None else None
+    budget = _completion_budget(
+        req, expanded_length(len(ids), image_tokens), rt.engine.max_model_len, rt.settings.default_max_tokens
+    )
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = GenerationRequest(ids, _sampling(req, budget), pixel_values, request_id)
+    return PreparedChat(request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation)
