@@ -15,6 +15,7 @@ import torch
 
 from quant import LoadedModel
 from quant.estimate import max_context_that_fits, serving_context
+from quant.precision import precision_name
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def choose_max_model_len(lm: LoadedModel, config: EngineConfig, free_bytes: int 
         lm.vision_size,
         prefill_tokens=config.prefill_chunk,
         headroom_bytes=headroom,
-        compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(spec.dtype, "fp32"),
+        compute_dtype=precision_name(spec.dtype),
     )
     need = lm.image_tokens() + 256
     if fits < need:

@@ -35,8 +35,14 @@ class LocalAnswerer:
         ids, pixels = self.prepare(item)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         with torch.inference_mode():
-            text, out_ids, _ = generate_text(self.lm.model, self.lm.tokenizer, ids, pixels, params,
-                                             max_len=expanded_length(len(ids), self.lm.image_tokens()) + self.max_new_tokens + 4)
+            text, out_ids, _ = generate_text(
+                self.lm.model,
+                self.lm.tokenizer,
+                ids,
+                pixels,
+                params,
+                max_len=expanded_length(len(ids), self.lm.image_tokens()) + self.max_new_tokens + 4,
+            )
         return text.strip(), out_ids, (ids, pixels)
 
     def logprobs(self, prepared, answer_ids: list[int]):
@@ -57,8 +63,15 @@ class HttpAnswerer:
     first id ``GET {base_url}/models`` lists; precision fields that server reports there are picked up.
     """
 
-    def __init__(self, base_url: str, model: str | None = None, max_tokens: int = 16, timeout_s: float = 300.0,
-                 api_key: str | None = None, suffix: str = SUFFIX):
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        max_tokens: int = 16,
+        timeout_s: float = 300.0,
+        api_key: str | None = None,
+        suffix: str = SUFFIX,
+    ):
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -105,17 +118,27 @@ class HttpAnswerer:
             for k in ("precision", "vision_precision", "vision_size"):
                 if k in src and k not in found:
                     found[k] = src[k]
-        return {"precision": found.get("precision", "unknown"), "vision_precision": found.get("vision_precision"),
-                "vision_size": found.get("vision_size"), "served_model": self.model, "base_url": self.base_url}
+        return {
+            "precision": found.get("precision", "unknown"),
+            "vision_precision": found.get("vision_precision"),
+            "vision_size": found.get("vision_size"),
+            "served_model": self.model,
+            "base_url": self.base_url,
+        }
 
     def answer(self, item: Item) -> str:
         data_url = "data:image/png;base64," + base64.b64encode(item.png_bytes()).decode()
         body = {
             "model": self.model or "default",
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url}},
-                {"type": "text", "text": item.question + self.suffix},
-            ]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                        {"type": "text", "text": item.question + self.suffix},
+                    ],
+                }
+            ],
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }

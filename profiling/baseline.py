@@ -28,7 +28,10 @@ def _ratio(a, b) -> float | None:
 
 
 def baseline_summary(
-    rows: list[dict], trained_size: int, estimate_bytes: Callable[[], int], precision: str = BASELINE_PRECISION,
+    rows: list[dict],
+    trained_size: int,
+    estimate_bytes: Callable[[], int],
+    precision: str = BASELINE_PRECISION,
     reason: str | None = None,
 ) -> dict:
     """The baseline's numbers: from its measured row when one succeeded, else from ``estimate_bytes()``."""

@@ -17,23 +17,39 @@ def add_model_source(p: argparse.ArgumentParser, synthetic: bool = True) -> None
     p.add_argument("--model", help="GLM-4V-9B checkpoint folder (official layout)")
     if synthetic:
         p.add_argument(
-            "--synthetic", metavar="NAME",
+            "--synthetic",
+            metavar="NAME",
             help="random weights instead of a checkpoint, built straight on the device and quantized layer by "
-                 "layer: 'full' (the real 13.9B architecture; needs a GPU with room for the precision), 'mid', "
-                 "'tiny', or a config.json path",
+            "layer: 'full' (the real 13.9B architecture; needs a GPU with room for the precision), 'mid', "
+            "'tiny', or a config.json path",
         )
 
 
 def add_grid(p: argparse.ArgumentParser, precision_default: str) -> None:
-    p.add_argument("--precision", type=precision_list, default=precision_list(precision_default),
-                   help=f"comma list of language-model precisions (default: {precision_default})")
-    p.add_argument("--vision-precision", type=vision_precision_list, default=[None],
-                   help="comma list of vision-tower precisions, 'same' = as --precision (default: same)")
-    p.add_argument("--vision-size", type=size_list, default=[None],
-                   help="comma list of vision resolutions, multiples of 28 up to the trained size "
-                        "(default: the checkpoint's, 1120 for GLM-4V-9B)")
-    p.add_argument("--compute-dtype", choices=("bf16", "fp16", "fp32"),
-                   help="activation dtype of bitsandbytes layers (default bf16)")
+    p.add_argument(
+        "--precision",
+        type=precision_list,
+        default=precision_list(precision_default),
+        help=f"comma list of language-model precisions (default: {precision_default})",
+    )
+    p.add_argument(
+        "--vision-precision",
+        type=vision_precision_list,
+        default=[None],
+        help="comma list of vision-tower precisions, 'same' = as --precision (default: same)",
+    )
+    p.add_argument(
+        "--vision-size",
+        type=size_list,
+        default=[None],
+        help="comma list of vision resolutions, multiples of 28 up to the trained size "
+        "(default: the checkpoint's, 1120 for GLM-4V-9B)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="activation dtype of bitsandbytes layers (default bf16)",
+    )
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax statistics in fp32")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
 

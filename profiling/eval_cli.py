@@ -9,6 +9,7 @@ Any OpenAI-compatible server: glm4v-edge eval --base-url http://127.0.0.1:8000/v
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .cli_args import add_grid, add_model_source, comma_list
@@ -17,18 +18,33 @@ from .matrix import precision_list
 
 def add_arguments(p) -> None:
     add_model_source(p, synthetic=False)
-    p.add_argument("--base-url", help="evaluate OpenAI-compatible server(s) instead of --model: a comma list of base "
-                                      "URLs (…/v1); the first is the reference for greedy match. No KL over HTTP.")
+    p.add_argument(
+        "--base-url",
+        help="evaluate OpenAI-compatible server(s) instead of --model: a comma list of base "
+        "URLs (…/v1); the first is the reference for greedy match. No KL over HTTP.",
+    )
     p.add_argument("--served-model", help="--base-url: model name to request (default: the first in /v1/models)")
     add_grid(p, precision_default="int8,nf4")
-    p.add_argument("--reference", type=precision_list, default=["bf16"],
-                   help="reference precision (default bf16; fp32 on small CPU tests)")
-    p.add_argument("--reference-vision-size", type=int,
-                   help="reference vision size (default: the checkpoint's trained size)")
-    p.add_argument("--task", action="append",
-                   help="'synthetic' (built-in, the default) or a JSONL file of {image, question, answers}; repeatable")
-    p.add_argument("--limit", type=int, default=60, help="items of the synthetic set, and at most this many per "
-                                                         "JSONL set (default 60)")
+    p.add_argument(
+        "--reference",
+        type=precision_list,
+        default=["bf16"],
+        help="reference precision (default bf16; fp32 on small CPU tests)",
+    )
+    p.add_argument(
+        "--reference-vision-size", type=int, help="reference vision size (default: the checkpoint's trained size)"
+    )
+    p.add_argument(
+        "--task",
+        action="append",
+        help="'synthetic' (built-in, the default) or a JSONL file of {image, question, answers}; repeatable",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=60,
+        help="items of the synthetic set, and at most this many per JSONL set (default 60)",
+    )
     p.add_argument("--seed", type=int, default=0, help="synthetic set seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap, greedy (default 16)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="--base-url: per-request timeout (default 300)")
@@ -83,7 +99,6 @@ def run(args) -> int:
             print(f"\nerror: {e}", file=sys.stderr)
             return 1
     else:
-
         from glm4v.checkpoint import CheckpointError
 
         from .cli_args import check_sizes, model_config
@@ -106,15 +121,16 @@ def run(args) -> int:
     bar.close()
 
     machine = machine_info()
-    for r in rows:
-        r.update(task=",".join(task_names), machine=machine, command=command)
+    rows = [replace(r, task=",".join(task_names), machine=machine, command=command).to_dict() for r in rows]
     write_jsonl(out / "results.jsonl", rows)
-    write_jsonl(out / "answers.jsonl", answers)
+    write_jsonl(out / "answers.jsonl", [a.to_dict() for a in answers])
     md = "# Eval results\n\n" + machine_line(rows[0]) + f"\nCommand: `{command}`\n\n"
     if args.base_url:
         md += HTTP_NOTE + ".\n\n"
-    md += (f"Task: {', '.join(task_names)} ({len(items)} items). KL and top-1 are teacher-forced on the "
-           f"reference's greedy answers; accuracy is normalized match with a 95% Wilson interval.\n\n")
+    md += (
+        f"Task: {', '.join(task_names)} ({len(items)} items). KL and top-1 are teacher-forced on the "
+        f"reference's greedy answers; accuracy is normalized match with a 95% Wilson interval.\n\n"
+    )
     md += eval_table(rows) + "\n"
     (out / "results.md").write_text(md)
     print(md)

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 from .fidelity import FidelityStats
 from .matrix import ConfigKey
+from .rows import AnswerRow, EvalRow
 from .vqa_sets import Item, normalized_match, score
 
-HTTP_NOTE = ("--base-url: an OpenAI chat-completions response carries no full next-token distribution, so KL "
-             "divergence and top-1 agreement are not computed over HTTP (use --model for them); greedy match "
-             "compares each server's answers with the first URL's")
+HTTP_NOTE = (
+    "--base-url: an OpenAI chat-completions response carries no full next-token distribution, so KL "
+    "divergence and top-1 agreement are not computed over HTTP (use --model for them); greedy match "
+    "compares each server's answers with the first URL's"
+)
 
 
 @dataclass
@@ -41,16 +44,29 @@ def _free(lm) -> None:
 def _load(model_dir: str, key: ConfigKey, opts: dict):
     from quant.request import LoadRequest, open_model
 
-    return open_model(LoadRequest(model=model_dir, precision=key.precision, vision_precision=key.vision_precision,
-                                  vision_size=key.vision_size, **opts))
+    return open_model(
+        LoadRequest(
+            model=model_dir,
+            precision=key.precision,
+            vision_precision=key.vision_precision,
+            vision_size=key.vision_size,
+            **opts,
+        )
+    )
 
 
 def _base_row(key: ConfigKey, lm, config, max_new_tokens: int, n_prompt: int) -> dict:
     from quant.estimate import estimate
 
-    est = estimate(config, precision=lm.spec.precision, vision_precision=lm.spec.vision_precision,
-                   vision_size=lm.vision_size, context=n_prompt + max_new_tokens, device=lm.device.type,
-                   prompt_tokens=n_prompt)
+    est = estimate(
+        config,
+        precision=lm.spec.precision,
+        vision_precision=lm.spec.vision_precision,
+        vision_size=lm.vision_size,
+        context=n_prompt + max_new_tokens,
+        device=lm.device.type,
+        prompt_tokens=n_prompt,
+    )
     return {
         "label": key.label(),
         "precision": lm.spec.precision,
@@ -63,13 +79,31 @@ def _base_row(key: ConfigKey, lm, config, max_new_tokens: int, n_prompt: int) ->
     }
 
 
-def _answer_rows(label: str, items: list[Item], texts: list[str]) -> list[dict]:
-    return [{"config": label, "id": it.id, "category": it.category, "question": it.question, "answers": it.answers,
-             "prediction": t, "correct": normalized_match(t, it.answers)} for it, t in zip(items, texts)]
+def _answer_rows(label: str, items: list[Item], texts: list[str]) -> list[AnswerRow]:
+    return [
+        AnswerRow(
+            config=label,
+            id=it.id,
+            category=it.category,
+            question=it.question,
+            answers=it.answers,
+            prediction=t,
+            correct=normalized_match(t, it.answers),
+        )
+        for it, t in zip(items, texts, strict=True)
+    ]
 
 
-def evaluate_local(model_dir: str, config, keys: list[ConfigKey], ref_key: ConfigKey, items: list[Item],
-                   opts: dict, max_new_tokens: int, bar) -> tuple[list[dict], list[dict]]:
+def evaluate_local(
+    model_dir: str,
+    config,
+    keys: list[ConfigKey],
+    ref_key: ConfigKey,
+    items: list[Item],
+    opts: dict,
+    max_new_tokens: int,
+    bar,
+) -> tuple[list[EvalRow], list[AnswerRow]]:
     """Rows (reference first) and per-item answers for each configuration."""
     from glm4v import expanded_length
 
@@ -89,11 +123,22 @@ def evaluate_local(model_dir: str, config, keys: list[ConfigKey], ref_key: Confi
         n_prompt = max(n_prompt, expanded_length(len(prepared[0]), ref_lm.image_tokens()))
         bar.update(note=f"{ref_key.label()} (reference)")
     ref_row = _base_row(ref_key, ref_lm, config, max_new_tokens, n_prompt)
-    ref_row.update(is_reference=True, reference=ref_key.precision, reference_label=ref_key.label(),
-                   kl_mean=0.0, kl_median=0.0, kl_p99=0.0, kl_max=0.0, top1_agreement=1.0, delta_p_rms=0.0,
-                   greedy_match=1.0, n_tokens=sum(len(i) for i in ref_out.ids),
-                   eval_s=time.perf_counter() - t0, **score(ref_out.texts, items))
-    rows.append(ref_row)
+    ref_row.update(
+        is_reference=True,
+        reference=ref_key.precision,
+        reference_label=ref_key.label(),
+        kl_mean=0.0,
+        kl_median=0.0,
+        kl_p99=0.0,
+        kl_max=0.0,
+        top1_agreement=1.0,
+        delta_p_rms=0.0,
+        greedy_match=1.0,
+        n_tokens=sum(len(i) for i in ref_out.ids),
+        eval_s=time.perf_counter() - t0,
+        **score(ref_out.texts, items),
+    )
+    rows.append(EvalRow.from_dict(ref_row))
     answers += _answer_rows(ref_key.label(), items, ref_out.texts)
     _free(ref_lm)
     del ref
@@ -112,18 +157,25 @@ def evaluate_local(model_dir: str, config, keys: list[ConfigKey], ref_key: Confi
             stats.add(ref_out.logprobs[i], a.logprobs(prepared, ref_out.ids[i]), ref_out.ids[i])
             bar.update(note=key.label())
         row = _base_row(key, lm, config, max_new_tokens, n_prompt)
-        row.update(is_reference=False, reference=ref_key.precision, reference_label=ref_key.label(),
-                   **stats.summary(), greedy_match=same / len(items), eval_s=time.perf_counter() - t0,
-                   **score(texts, items))
-        rows.append(row)
+        row.update(
+            is_reference=False,
+            reference=ref_key.precision,
+            reference_label=ref_key.label(),
+            **stats.summary(),
+            greedy_match=same / len(items),
+            eval_s=time.perf_counter() - t0,
+            **score(texts, items),
+        )
+        rows.append(EvalRow.from_dict(row))
         answers += _answer_rows(key.label(), items, texts)
         del a
         _free(lm)
     return rows, answers
 
 
-def evaluate_http(urls: list[str], items: list[Item], served_model: str | None, max_new_tokens: int,
-                  timeout_s: float, bar) -> tuple[list[dict], list[dict]]:
+def evaluate_http(
+    urls: list[str], items: list[Item], served_model: str | None, max_new_tokens: int, timeout_s: float, bar
+) -> tuple[list[EvalRow], list[AnswerRow]]:
     """One row per server; the first URL is the reference for the greedy-output match."""
     from .answerers import HttpAnswerer
 
@@ -142,13 +194,26 @@ def evaluate_http(urls: list[str], items: list[Item], served_model: str | None, 
             client.close()
         if ref_texts is None:
             ref_texts, ref_label = texts, label
-        row = {
-            "label": label, **info, "is_reference": n == 0, "reference": ref_label, "reference_label": ref_label,
-            "kl_mean": None, "kl_median": None, "kl_p99": None, "kl_max": None, "top1_agreement": None,
-            "delta_p_rms": None, "n_tokens": None,
-            "greedy_match": sum(a == b for a, b in zip(texts, ref_texts)) / len(items),
-            "eval_s": time.perf_counter() - t0, "note": HTTP_NOTE, **score(texts, items),
-        }
+        row = EvalRow.from_dict(
+            {
+                "label": label,
+                **info,
+                "is_reference": n == 0,
+                "reference": ref_label,
+                "reference_label": ref_label,
+                "kl_mean": None,
+                "kl_median": None,
+                "kl_p99": None,
+                "kl_max": None,
+                "top1_agreement": None,
+                "delta_p_rms": None,
+                "n_tokens": None,
+                "greedy_match": sum(a == b for a, b in zip(texts, ref_texts, strict=True)) / len(items),
+                "eval_s": time.perf_counter() - t0,
+                "note": HTTP_NOTE,
+                **score(texts, items),
+            }
+        )
         rows.append(row)
         answers += _answer_rows(label, items, texts)
     return rows, answers

@@ -93,14 +93,26 @@ def plot_memory_vs_quality(rows: list[dict], path: str | Path, quality: str) -> 
         measured = r.get("memory_kind") == "measured"
         colour = "#c0392b" if r.get("is_reference") else "#2f5f98"
         if quality == "accuracy" and r.get("accuracy_ci_low") is not None:
-            ax.errorbar(x, y, yerr=[[y - r["accuracy_ci_low"]], [r["accuracy_ci_high"] - y]], color=colour,
-                        alpha=0.5, capsize=3, ls="none")
+            ax.errorbar(
+                x,
+                y,
+                yerr=[[y - r["accuracy_ci_low"]], [r["accuracy_ci_high"] - y]],
+                color=colour,
+                alpha=0.5,
+                capsize=3,
+                ls="none",
+            )
         ax.scatter([x], [y], s=60, color=colour if measured else "white", edgecolors=colour, zorder=3)
         # stack the labels of points that (nearly) coincide instead of printing them over each other
         near = sum(abs(x - px) < 0.04 * xspan and abs(y - py) < 0.04 * yspan for px, py in placed)
         placed.append((x, y))
-        ax.annotate(r["label"] + (" (ref)" if r.get("is_reference") else ""), (x, y), textcoords="offset points",
-                    xytext=(6, 4 - 11 * near), fontsize=8)
+        ax.annotate(
+            r["label"] + (" (ref)" if r.get("is_reference") else ""),
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, 4 - 11 * near),
+            fontsize=8,
+        )
     if pts:
         xs = [r["memory_bytes"] / GIB for r in pts]
         lo, hi = min(xs), max(xs)

@@ -21,8 +21,12 @@ from .cli_args import add_grid, add_model_source
 def add_arguments(p) -> None:
     add_model_source(p, synthetic=True)
     add_grid(p, precision_default="bf16,int8,nf4")
-    p.add_argument("--prompt-tokens", type=int, default=64,
-                   help="text tokens in the prompt, chat template included; the image adds its own (default 64)")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=64,
+        help="text tokens in the prompt, chat template included; the image adds its own (default 64)",
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate, greedy, EOS ignored (default 32)")
     img = p.add_mutually_exclusive_group()
     img.add_argument("--image", help="image file for the prompt (default: a built-in 1120×1120 test image)")
@@ -30,8 +34,12 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per configuration (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--sample-ms", type=float, default=10.0, help="memory sampling interval in ms (default 10)")
-    p.add_argument("--baseline", choices=("fp16", "none"), default="fp16",
-                   help="add the fp16 baseline run when not in the list (default fp16); 'none' = estimated only")
+    p.add_argument(
+        "--baseline",
+        choices=("fp16", "none"),
+        default="fp16",
+        help="add the fp16 baseline run when not in the list (default fp16); 'none' = estimated only",
+    )
     p.add_argument("--timeout-s", type=float, default=3600.0, help="limit per configuration (default 3600)")
     p.add_argument("--out", required=True, help="output folder (created)")
 
@@ -73,7 +81,7 @@ def run_worker(spec, log_path: Path, bar, timeout_s: float) -> dict:
                 if not line.startswith(PROTOCOL_PREFIX):
                     log.write(line)
                     continue
-                msg = json.loads(line[len(PROTOCOL_PREFIX):])
+                msg = json.loads(line[len(PROTOCOL_PREFIX) :])
                 if msg["event"] == "progress":
                     bar.update(base_done + msg["done"], f"{spec.precision}: {msg['note']}")
                 elif msg["event"] == "result":
@@ -107,6 +115,7 @@ def run(args) -> int:
     from .profile_worker import RunSpec
     from .progress import ProgressBar
     from .results_io import write_csv, write_jsonl
+    from .rows import ProfileRow
     from .system_info import current_command, device_total_bytes, guess_device
     from .tables import profile_markdown
 
@@ -137,8 +146,14 @@ def run(args) -> int:
     context = args.prompt_tokens + config.vision.image_tokens(trained) + args.new_tokens + 8
 
     def estimate_baseline() -> int:
-        return estimate(config, precision=BASELINE_PRECISION, vision_size=trained, context=context,
-                        device=device.split(":")[0], prompt_tokens=context - args.new_tokens).total_bytes
+        return estimate(
+            config,
+            precision=BASELINE_PRECISION,
+            vision_size=trained,
+            context=context,
+            device=device.split(":")[0],
+            prompt_tokens=context - args.new_tokens,
+        ).total_bytes
 
     runs = [(k, "config") for k in keys]
     reason = None
@@ -156,31 +171,75 @@ def run(args) -> int:
     rows = []
     for key, role in runs:
         spec = RunSpec(
-            precision=key.precision, vision_precision=key.vision_precision, vision_size=key.vision_size,
-            model=str(Path(args.model).resolve()) if args.model else None, synthetic=args.synthetic,
-            compute_dtype=args.compute_dtype, double_quant=not args.no_double_quant, device=args.device,
-            prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, image=image, warmup=args.warmup,
-            repeat=args.repeat, sample_interval_s=args.sample_ms / 1000.0, role=role, command=command,
+            precision=key.precision,
+            vision_precision=key.vision_precision,
+            vision_size=key.vision_size,
+            model=str(Path(args.model).resolve()) if args.model else None,
+            synthetic=args.synthetic,
+            compute_dtype=args.compute_dtype,
+            double_quant=not args.no_double_quant,
+            device=args.device,
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            image=image,
+            warmup=args.warmup,
+            repeat=args.repeat,
+            sample_interval_s=args.sample_ms / 1000.0,
+            role=role,
+            command=command,
         )
         bar.update(bar.done, f"{key.label()}: starting")
         row = run_worker(spec, out / "logs" / f"{key.label()}.log", bar, args.timeout_s)
         if row.get("status") != "ok":
-            est = estimate(config, precision=key.precision, vision_precision=key.vision_precision,
-                           vision_size=key.vision_size, context=context, device=device.split(":")[0])
-            row = {"label": key.label(), "role": role, "precision": key.precision,
-                   "vision_precision": key.vision_precision, "vision_size": key.vision_size, "device": device,
-                   "model": source, "estimated_bytes": est.total_bytes, "command": command, **row}
+            est = estimate(
+                config,
+                precision=key.precision,
+                vision_precision=key.vision_precision,
+                vision_size=key.vision_size,
+                context=context,
+                device=device.split(":")[0],
+            )
+            row = ProfileRow.from_dict(
+                {
+                    "label": key.label(),
+                    "role": role,
+                    "precision": key.precision,
+                    "vision_precision": key.vision_precision,
+                    "vision_size": key.vision_size,
+                    "device": device,
+                    "model": source,
+                    "estimated_bytes": est.total_bytes,
+                    "command": command,
+                    **row,
+                }
+            ).to_dict()
             print(f"\n{key.label()}: {row['status']}: {row.get('error')} (log: {row.get('log')})", file=sys.stderr)
         rows.append(row)
     bar.close()
 
-    if reason is None and not any(r.get("status") == "ok" and (r["precision"], r["vision_size"]) ==
-                                  (BASELINE_PRECISION, trained) for r in rows):
+    if reason is None and not any(
+        r.get("status") == "ok" and (r["precision"], r["vision_size"]) == (BASELINE_PRECISION, trained) for r in rows
+    ):
         reason = "the fp16 run failed"
     attach_baseline(rows, baseline_summary(rows, trained, estimate_baseline, reason=reason))
+    rows = [ProfileRow.from_dict(r).to_dict() for r in rows]  # the documented schema, nothing else
 
-    first = ("label", "role", "status", "precision", "vision_precision", "vision_size", "device", "memory_source",
-             "peak_memory_bytes", "idle_memory_bytes", "load_s", "ttft_s", "decode_tokens_per_s", "estimated_bytes")
+    first = (
+        "label",
+        "role",
+        "status",
+        "precision",
+        "vision_precision",
+        "vision_size",
+        "device",
+        "memory_source",
+        "peak_memory_bytes",
+        "idle_memory_bytes",
+        "load_s",
+        "ttft_s",
+        "decode_tokens_per_s",
+        "estimated_bytes",
+    )
     write_jsonl(out / "results.jsonl", rows)
     write_csv(out / "results.csv", rows, first=first)
     md = profile_markdown(rows)

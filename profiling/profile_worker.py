@@ -82,7 +82,7 @@ def cpu_snapshot() -> tuple[float, float, float]:
 def other_cpu_share(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
     import os
 
-    busy, own, wall = (b - a for a, b in zip(start, end))
+    busy, own, wall = (b - a for a, b in zip(start, end, strict=True))
     return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
 
 
@@ -98,9 +98,16 @@ def make_resident(model) -> None:
 def load_request(spec: RunSpec):
     from quant.request import LoadRequest
 
-    return LoadRequest(model=spec.model, synthetic=spec.synthetic, precision=spec.precision,
-                       vision_precision=spec.vision_precision, device=spec.device, vision_size=spec.vision_size,
-                       compute_dtype=spec.compute_dtype, double_quant=spec.double_quant)
+    return LoadRequest(
+        model=spec.model,
+        synthetic=spec.synthetic,
+        precision=spec.precision,
+        vision_precision=spec.vision_precision,
+        device=spec.device,
+        vision_size=spec.vision_size,
+        compute_dtype=spec.compute_dtype,
+        double_quant=spec.double_quant,
+    )
 
 
 def load_model(spec: RunSpec):
@@ -115,14 +122,14 @@ def run(spec: RunSpec) -> dict:
     from glm4v import SamplingParams, expanded_length
     from glm4v.generate import generate
     from quant.estimate import estimate
+    from quant.loader import resolve_device
 
     from .hooks import Fanout
     from .memory_sampler import MemorySampler, rss_breakdown
+    from .rows import ProfileRow
     from .system_info import machine_info
     from .timing import RequestTimer, summarize
     from .torch_memory import TorchAllocatorPeaks
-
-    from quant.loader import resolve_device
 
     device = str(resolve_device(spec.device))  # the sampler must watch the device the model will load on
     spec.device = device
@@ -177,55 +184,64 @@ def run(spec: RunSpec) -> dict:
     sampler.stop()
 
     est = estimate(
-        lm.config, precision=lm.spec.precision, vision_precision=lm.spec.vision_precision,
-        vision_size=lm.vision_size, context=max_len, batch=1, device=lm.device.type,
-        compute_dtype=spec.compute_dtype, double_quant=spec.double_quant, prompt_tokens=expanded,
+        lm.config,
+        precision=lm.spec.precision,
+        vision_precision=lm.spec.vision_precision,
+        vision_size=lm.vision_size,
+        context=max_len,
+        batch=1,
+        device=lm.device.type,
+        compute_dtype=spec.compute_dtype,
+        double_quant=spec.double_quant,
+        prompt_tokens=expanded,
     )
-    row = {
-        "label": lm.spec.label() + f"@{lm.vision_size}",
-        "role": spec.role,
-        "status": "ok",
-        "precision": lm.spec.precision,
-        "vision_precision": lm.spec.vision_precision,
-        "vision_size": lm.vision_size,
-        "device": str(lm.device),
-        "model": str(lm.model_dir),
-        "synthetic": spec.synthetic,
-        "dtype": lm.spec.describe()["dtype"],
-        "double_quant": spec.double_quant,
-        "prompt_tokens": len(ids),
-        "image_tokens": image_tokens,
-        "prompt_tokens_expanded": expanded,
-        "with_image": spec.image is not None,
-        "warmup": spec.warmup,
-        "repeat": spec.repeat,
-        "load_s": load_s,
-        **summarize(timings),
-        **sampler.summary(),
-        **allocator.summary(),
-        "weight_bytes": lm.weight_bytes["total"],
-        "estimated_bytes": est.total_bytes,
-        "estimated_weights_bytes": est.weights_bytes,
-        "estimated_activation_peak_bytes": est.activation_peak_bytes,
-        "estimate": est.to_dict(),
-        "layers": lm.describe()["layers"],
-        "host_memory_idle": host_idle,  # RSS split into anonymous and file-backed pages, after load (Linux)
-        "other_cpu_share": cpu_share,  # 0–1 of all cores used by other processes during the timed runs
-        "notes": list(lm.spec.notes),
-    }
-    idle = row["idle_memory_bytes"]
+    row = ProfileRow.from_dict(
+        {
+            "label": lm.spec.label() + f"@{lm.vision_size}",
+            "role": spec.role,
+            "status": "ok",
+            "precision": lm.spec.precision,
+            "vision_precision": lm.spec.vision_precision,
+            "vision_size": lm.vision_size,
+            "device": str(lm.device),
+            "model": str(lm.model_dir),
+            "synthetic": spec.synthetic,
+            "dtype": lm.spec.describe()["dtype"],
+            "double_quant": spec.double_quant,
+            "prompt_tokens": len(ids),
+            "image_tokens": image_tokens,
+            "prompt_tokens_expanded": expanded,
+            "with_image": spec.image is not None,
+            "warmup": spec.warmup,
+            "repeat": spec.repeat,
+            "load_s": load_s,
+            **summarize(timings),
+            **sampler.summary(),
+            **allocator.summary(),
+            "weight_bytes": lm.weight_bytes["total"],
+            "estimated_bytes": est.total_bytes,
+            "estimated_weights_bytes": est.weights_bytes,
+            "estimated_activation_peak_bytes": est.activation_peak_bytes,
+            "estimate": est.to_dict(),
+            "layers": lm.describe()["layers"],
+            "host_memory_idle": host_idle,  # RSS split into anonymous and file-backed pages, after load (Linux)
+            "other_cpu_share": cpu_share,  # 0–1 of all cores used by other processes during the timed runs
+            "notes": list(lm.spec.notes),
+        }
+    )
+    idle = row.idle_memory_bytes
     for phase in ("vision", "prefill", "decode"):  # growth above idle-after-load: the phase's activations
-        peak = row.get(f"{phase}_peak_bytes")
-        row[f"{phase}_above_idle_bytes"] = peak - idle if peak is not None and idle is not None else None
-    if row["memory_source"] == "nvml" and row.get("torch_reserved_peak_bytes") and row.get("process_used_peak_bytes"):
+        peak = getattr(row, f"{phase}_peak_bytes")
+        setattr(row, f"{phase}_above_idle_bytes", peak - idle if peak is not None and idle is not None else None)
+    if row.memory_source == "nvml" and row.torch_reserved_peak_bytes and row.process_used_peak_bytes:
         # What torch cannot see: CUDA context, cuBLAS workspace, allocator slack outside the reserved pool.
-        row["context_and_slack_bytes"] = row["process_used_peak_bytes"] - row["torch_reserved_peak_bytes"]
+        row.context_and_slack_bytes = row.process_used_peak_bytes - row.torch_reserved_peak_bytes
     machine = machine_info()
     machine.update({k: v for k, v in sampler.device_info.items() if v is not None})
-    row["machine"] = machine
-    row["command"] = spec.command
-    row["worker_spec"] = asdict(spec)
-    return row
+    row.machine = machine
+    row.command = spec.command
+    row.worker_spec = asdict(spec)
+    return row.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,25 +15,59 @@ QUALITIES = ("auto", "top1_agreement", "accuracy", "greedy_match", "kl_mean")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--profile", action="append", default=[],
-                   help="profile results (folder or results.jsonl); repeatable")
+    p.add_argument(
+        "--profile", action="append", default=[], help="profile results (folder or results.jsonl); repeatable"
+    )
     p.add_argument("--eval", action="append", default=[], help="eval results (folder or results.jsonl); repeatable")
-    p.add_argument("--quality", choices=QUALITIES, default="auto",
-                   help="y axis of the plot (default auto: top-1 agreement when measured, else accuracy)")
+    p.add_argument(
+        "--quality",
+        choices=QUALITIES,
+        default="auto",
+        help="y axis of the plot (default auto: top-1 agreement when measured, else accuracy)",
+    )
     p.add_argument("--out", required=True, help="output folder (created)")
 
 
-PROFILE_FIELDS = ("peak_memory_bytes", "idle_memory_bytes", "memory_source", "decode_tokens_per_s", "ttft_s",
-                  "vision_encode_s", "load_s", "memory_vs_baseline", "speed_vs_baseline", "baseline_source",
-                  "baseline_peak_memory_bytes", "estimated_bytes")
-EVAL_FIELDS = ("reference", "reference_label", "is_reference", "kl_mean", "kl_median", "kl_p99", "top1_agreement",
-               "greedy_match", "delta_p_rms", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_exact",
-               "accuracy_relaxed", "accuracy_by_category", "n_items", "n_tokens", "task")
+PROFILE_FIELDS = (
+    "peak_memory_bytes",
+    "idle_memory_bytes",
+    "memory_source",
+    "decode_tokens_per_s",
+    "ttft_s",
+    "vision_encode_s",
+    "load_s",
+    "memory_vs_baseline",
+    "speed_vs_baseline",
+    "baseline_source",
+    "baseline_peak_memory_bytes",
+    "estimated_bytes",
+)
+EVAL_FIELDS = (
+    "reference",
+    "reference_label",
+    "is_reference",
+    "kl_mean",
+    "kl_median",
+    "kl_p99",
+    "top1_agreement",
+    "greedy_match",
+    "delta_p_rms",
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "accuracy_exact",
+    "accuracy_relaxed",
+    "accuracy_by_category",
+    "n_items",
+    "n_tokens",
+    "task",
+)
 
 
 def join(profile_rows: list[dict], eval_rows: list[dict]) -> list[dict]:
     """One row per configuration seen in either input, eval rows' order first."""
     from .matrix import key_of, label
+    from .rows import ReportRow
 
     merged: dict[tuple, dict] = {}
     for r in eval_rows:
@@ -58,9 +92,10 @@ def join(profile_rows: list[dict], eval_rows: list[dict]) -> list[dict]:
             m.update(memory_bytes=m["peak_memory_bytes"], memory_kind="measured")
         else:
             m.update(memory_bytes=m.get("estimated_bytes"), memory_kind="estimated")
-            m["memory_vs_baseline"] = (m["memory_bytes"] / fp16_estimate
-                                       if m["memory_bytes"] is not None and fp16_estimate else None)
-        out.append(m)
+            m["memory_vs_baseline"] = (
+                m["memory_bytes"] / fp16_estimate if m["memory_bytes"] is not None and fp16_estimate else None
+            )
+        out.append(ReportRow.from_dict(m).to_dict())
     return out
 
 
@@ -98,9 +133,11 @@ def run(args) -> int:
     png = plot_memory_vs_quality(rows, out / "memory_vs_quality.png", quality)
     sources = sorted({r.get("memory_source") for r in rows if r.get("memory_source")})
     md = "# Memory versus quality\n\n" + machine_line(rows[0]) + "\n\n"
-    md += (f"Memory: measured peak ({', '.join(sources) or 'none measured'}) where profiled, otherwise the "
-           f"estimator's total (*estimated*). Quality plotted: {quality}. Inputs: "
-           f"{', '.join(args.profile + args.eval)}.\n\n")
+    md += (
+        f"Memory: measured peak ({', '.join(sources) or 'none measured'}) where profiled, otherwise the "
+        f"estimator's total (*estimated*). Quality plotted: {quality}. Inputs: "
+        f"{', '.join(args.profile + args.eval)}.\n\n"
+    )
     md += report_table(rows) + f"\n\n![memory versus quality]({png.name})\n"
     (out / "report.md").write_text(md)
     print(md)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 BUSY_SHARE = 0.10  # other processes' share of all cores above which a run's timings are flagged
 
 
@@ -46,38 +45,56 @@ def _baseline_cell(r: dict, key: str, formatter) -> str:
 
 def profile_table(rows: list[dict]) -> str:
     headers = [
-        "configuration", "image tokens", "memory source", "peak memory", "idle after load", "fp16 baseline", "× fp16",
-        "decode tok/s", "fp16 tok/s", "× fp16", "TTFT s", "vision encode s", "token ms p50 / p99", "load s",
-        "estimated total", "measured ÷ estimated",
+        "configuration",
+        "image tokens",
+        "memory source",
+        "peak memory",
+        "idle after load",
+        "fp16 baseline",
+        "× fp16",
+        "decode tok/s",
+        "fp16 tok/s",
+        "× fp16",
+        "TTFT s",
+        "vision encode s",
+        "token ms p50 / p99",
+        "load s",
+        "estimated total",
+        "measured ÷ estimated",
     ]
     body = []
     for r in rows:
         if r.get("status") != "ok":
-            body.append([r.get("label", "?"), "—", "—", f"failed ({r.get('status')}): {r.get('error', '')[:80]}"]
-                        + ["—"] * (len(headers) - 4))
+            body.append(
+                [r.get("label", "?"), "—", "—", f"failed ({r.get('status')}): {r.get('error', '')[:80]}"]
+                + ["—"] * (len(headers) - 4)
+            )
             continue
         label = r["label"] + (" (baseline)" if r.get("role") == "baseline" else "")
         if (r.get("other_cpu_share") or 0) > BUSY_SHARE:
             label += f" ⚠ host {r['other_cpu_share']:.0%} busy"
-        body.append([
-            label,
-            str(r.get("image_tokens", "—")),
-            r.get("memory_source", "—"),
-            fmt_bytes(r.get("peak_memory_bytes")),
-            fmt_bytes(r.get("idle_memory_bytes")),
-            _baseline_cell(r, "baseline_peak_memory_bytes", fmt_bytes),
-            fmt_ratio(r.get("memory_vs_baseline")),
-            fmt(r.get("decode_tokens_per_s"), ".1f"),
-            fmt(r.get("baseline_decode_tokens_per_s"), ".1f"),
-            fmt_ratio(r.get("speed_vs_baseline")),
-            fmt(r.get("ttft_s"), ".3f"),
-            fmt(r.get("vision_encode_s"), ".3f"),
-            f"{fmt(r.get('token_latency_ms_p50'), '.1f')} / {fmt(r.get('token_latency_ms_p99'), '.1f')}",
-            fmt(r.get("load_s"), ".1f"),
-            fmt_bytes(r.get("estimated_bytes")),
-            fmt_ratio(r["peak_memory_bytes"] / r["estimated_bytes"])
-            if r.get("peak_memory_bytes") and r.get("estimated_bytes") else "—",
-        ])
+        body.append(
+            [
+                label,
+                str(r.get("image_tokens", "—")),
+                r.get("memory_source", "—"),
+                fmt_bytes(r.get("peak_memory_bytes")),
+                fmt_bytes(r.get("idle_memory_bytes")),
+                _baseline_cell(r, "baseline_peak_memory_bytes", fmt_bytes),
+                fmt_ratio(r.get("memory_vs_baseline")),
+                fmt(r.get("decode_tokens_per_s"), ".1f"),
+                fmt(r.get("baseline_decode_tokens_per_s"), ".1f"),
+                fmt_ratio(r.get("speed_vs_baseline")),
+                fmt(r.get("ttft_s"), ".3f"),
+                fmt(r.get("vision_encode_s"), ".3f"),
+                f"{fmt(r.get('token_latency_ms_p50'), '.1f')} / {fmt(r.get('token_latency_ms_p99'), '.1f')}",
+                fmt(r.get("load_s"), ".1f"),
+                fmt_bytes(r.get("estimated_bytes")),
+                fmt_ratio(r["peak_memory_bytes"] / r["estimated_bytes"])
+                if r.get("peak_memory_bytes") and r.get("estimated_bytes")
+                else "—",
+            ]
+        )
     return md_table(headers, body)
 
 
@@ -98,15 +115,21 @@ def profile_markdown(rows: list[dict]) -> str:
         "timed runs per configuration, each configuration in a fresh process. Times are medians over the runs.",
     ]
     if "rss" in src:
-        notes.append("Memory source `rss`: no GPU/NVML was used, so memory is the process's host RSS (weights + "
-                     "activations + the Python/torch runtime), not VRAM. The estimate has no runtime term, hence the "
-                     "measured ÷ estimated ratio far above 1 for small models.")
+        notes.append(
+            "Memory source `rss`: no GPU/NVML was used, so memory is the process's host RSS (weights + "
+            "activations + the Python/torch runtime), not VRAM. The estimate has no runtime term, hence the "
+            "measured ÷ estimated ratio far above 1 for small models."
+        )
     if "nvml" in src:
-        notes.append("Memory source `nvml`: this process's GPU memory by NVML (CUDA context included); torch's "
-                     "allocated/reserved peaks are in results.jsonl.")
+        notes.append(
+            "Memory source `nvml`: this process's GPU memory by NVML (CUDA context included); torch's "
+            "allocated/reserved peaks are in results.jsonl."
+        )
     if any((r.get("other_cpu_share") or 0) > BUSY_SHARE for r in ok):
-        notes.append(f"⚠ marks runs during which other processes used more than {BUSY_SHARE:.0%} of the CPU: "
-                     "their timings are disturbed (other_cpu_share in results.jsonl).")
+        notes.append(
+            f"⚠ marks runs during which other processes used more than {BUSY_SHARE:.0%} of the CPU: "
+            "their timings are disturbed (other_cpu_share in results.jsonl)."
+        )
     if any(r.get("baseline_source") == "estimated" for r in rows):
         reason = next((r.get("baseline_reason") for r in rows if r.get("baseline_reason")), "")
         notes.append(f"The fp16 baseline is *estimated* (not measured): {reason}.")
@@ -114,31 +137,51 @@ def profile_markdown(rows: list[dict]) -> str:
 
 
 def eval_table(rows: list[dict]) -> str:
-    headers = ["configuration", "reference", "KL mean", "KL p99", "top-1 agreement", "greedy match",
-               "accuracy [95% CI]", "items", "answer tokens"]
+    headers = [
+        "configuration",
+        "reference",
+        "KL mean",
+        "KL p99",
+        "top-1 agreement",
+        "greedy match",
+        "accuracy [95% CI]",
+        "items",
+        "answer tokens",
+    ]
     body = []
     for r in rows:
         acc = r.get("accuracy")
-        acc_cell = "—" if acc is None else (
-            f"{acc:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]"
+        acc_cell = "—" if acc is None else (f"{acc:.3f} [{r['accuracy_ci_low']:.3f}, {r['accuracy_ci_high']:.3f}]")
+        body.append(
+            [
+                r.get("label", "?") + (" (reference)" if r.get("is_reference") else ""),
+                r.get("reference_label") or r.get("reference") or "—",
+                fmt(r.get("kl_mean"), ".5f"),
+                fmt(r.get("kl_p99"), ".5f"),
+                fmt(r.get("top1_agreement"), ".3f"),
+                fmt(r.get("greedy_match"), ".3f"),
+                acc_cell,
+                fmt(r.get("n_items"), "d"),
+                fmt(r.get("n_tokens"), "d"),
+            ]
         )
-        body.append([
-            r.get("label", "?") + (" (reference)" if r.get("is_reference") else ""),
-            r.get("reference_label") or r.get("reference") or "—",
-            fmt(r.get("kl_mean"), ".5f"),
-            fmt(r.get("kl_p99"), ".5f"),
-            fmt(r.get("top1_agreement"), ".3f"),
-            fmt(r.get("greedy_match"), ".3f"),
-            acc_cell,
-            fmt(r.get("n_items"), "d"),
-            fmt(r.get("n_tokens"), "d"),
-        ])
     return md_table(headers, body)
 
 
 def report_table(rows: list[dict]) -> str:
-    headers = ["configuration", "peak memory", "× fp16", "decode tok/s", "× fp16", "TTFT s", "KL mean",
-               "KL p99", "top-1", "greedy match", "accuracy [95% CI]"]
+    headers = [
+        "configuration",
+        "peak memory",
+        "× fp16",
+        "decode tok/s",
+        "× fp16",
+        "TTFT s",
+        "KL mean",
+        "KL p99",
+        "top-1",
+        "greedy match",
+        "accuracy [95% CI]",
+    ]
     body = []
     for r in rows:
         mem = fmt_bytes(r.get("memory_bytes"))
@@ -147,17 +190,19 @@ def report_table(rows: list[dict]) -> str:
         elif r.get("memory_source"):
             mem += f" ({r['memory_source']})"
         acc = r.get("accuracy")
-        body.append([
-            r["label"] + (" (reference)" if r.get("is_reference") else ""),
-            mem,
-            fmt_ratio(r.get("memory_vs_baseline")),
-            fmt(r.get("decode_tokens_per_s"), ".1f"),
-            fmt_ratio(r.get("speed_vs_baseline")),
-            fmt(r.get("ttft_s"), ".3f"),
-            fmt(r.get("kl_mean"), ".5f"),
-            fmt(r.get("kl_p99"), ".5f"),
-            fmt(r.get("top1_agreement"), ".3f"),
-            fmt(r.get("greedy_match"), ".3f"),
-            "—" if acc is None else f"{acc:.3f} [{r.get('accuracy_ci_low'):.3f}, {r.get('accuracy_ci_high'):.3f}]",
-        ])
+        body.append(
+            [
+                r["label"] + (" (reference)" if r.get("is_reference") else ""),
+                mem,
+                fmt_ratio(r.get("memory_vs_baseline")),
+                fmt(r.get("decode_tokens_per_s"), ".1f"),
+                fmt_ratio(r.get("speed_vs_baseline")),
+                fmt(r.get("ttft_s"), ".3f"),
+                fmt(r.get("kl_mean"), ".5f"),
+                fmt(r.get("kl_p99"), ".5f"),
+                fmt(r.get("top1_agreement"), ".3f"),
+                fmt(r.get("greedy_match"), ".3f"),
+                "—" if acc is None else f"{acc:.3f} [{r.get('accuracy_ci_low'):.3f}, {r.get('accuracy_ci_high'):.3f}]",
+            ]
+        )
     return md_table(headers, body)

@@ -75,7 +75,7 @@ class RequestTimer:
             ttft_s=self._span("request_start", "first_token"),
             e2e_s=self._span("request_start", "end"),
             new_tokens=len(ts),
-            token_latencies_s=[b - a for a, b in zip(ts, ts[1:])],
+            token_latencies_s=[b - a for a, b in zip(ts, ts[1:], strict=False)],
         )
 
 

@@ -38,8 +38,11 @@ class TorchAllocatorPeaks(PhaseTracker):
 
     def summary(self, phases: tuple[str, ...] = ("vision", "prefill", "decode")) -> dict:
         if not self.enabled:
-            return {"torch_allocated_idle_bytes": None, "torch_allocated_peak_bytes": None,
-                    "torch_reserved_peak_bytes": None}
+            return {
+                "torch_allocated_idle_bytes": None,
+                "torch_allocated_peak_bytes": None,
+                "torch_reserved_peak_bytes": None,
+            }
 
         def peak(d: dict[str, int]) -> int | None:
             vals = [d[p] for p in phases if p in d]
@@ -49,7 +52,8 @@ class TorchAllocatorPeaks(PhaseTracker):
             "torch_allocated_idle_bytes": self.allocated_idle_bytes,
             "torch_allocated_peak_bytes": peak(self.allocated_peak),
             "torch_reserved_peak_bytes": peak(self.reserved_peak),
-            "torch_allocated_prefill_peak_bytes": peak({k: v for k, v in self.allocated_peak.items()
-                                                        if k in ("vision", "prefill")}),
+            "torch_allocated_prefill_peak_bytes": peak(
+                {k: v for k, v in self.allocated_peak.items() if k in ("vision", "prefill")}
+            ),
             "torch_allocated_decode_peak_bytes": self.allocated_peak.get("decode"),
         }

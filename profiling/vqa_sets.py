@@ -62,8 +62,15 @@ def load_jsonl_set(path: str | Path) -> list[Item]:
             image = path.parent / image
         if not image.is_file():
             raise ValueError(f"{where}: image {d['image']!r} not found (looked for {image})")
-        items.append(Item(str(d.get("id", f"{path.stem}-{lineno}")), str(d["question"]), answers, image,
-                          str(d.get("category", path.stem))))
+        items.append(
+            Item(
+                str(d.get("id", f"{path.stem}-{lineno}")),
+                str(d["question"]),
+                answers,
+                image,
+                str(d.get("category", path.stem)),
+            )
+        )
     if not items:
         raise ValueError(f"task set {path} holds no items")
     return items
@@ -77,15 +84,36 @@ def write_jsonl_set(items: list[Item], out_dir: str | Path, name: str = "set.jso
         for it in items:
             rel = Path("images") / f"{it.id}.png"
             it.open_image().save(out / rel)
-            f.write(json.dumps({"id": it.id, "image": str(rel), "question": it.question, "answers": it.answers,
-                                "category": it.category}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": it.id,
+                        "image": str(rel),
+                        "question": it.question,
+                        "answers": it.answers,
+                        "category": it.category,
+                    }
+                )
+                + "\n"
+            )
     return out / name
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------
 NUMBER_WORDS = {
-    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
-    "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+    "eleven": "11",
+    "twelve": "12",
 }
 ARTICLES = {"a", "an", "the"}
 
@@ -118,18 +146,22 @@ def relaxed_match(prediction: str, answers: list[str]) -> bool:
 def score(predictions: list[str], items: list[Item]) -> dict:
     """Accuracy (normalized match) with a 95% Wilson interval, plus exact/relaxed rates and per-category scores."""
     n = len(items)
-    norm = [normalized_match(p, it.answers) for p, it in zip(predictions, items)]
+    norm = [normalized_match(p, it.answers) for p, it in zip(predictions, items, strict=True)]
     k = sum(norm)
     low, high = wilson_interval(k, n)
     by_cat: dict[str, list[bool]] = {}
-    for ok, it in zip(norm, items):
+    for ok, it in zip(norm, items, strict=True):
         by_cat.setdefault(it.category, []).append(ok)
     return {
         "accuracy": k / n if n else None,
         "accuracy_ci_low": low,
         "accuracy_ci_high": high,
-        "accuracy_exact": sum(exact_match(p, it.answers) for p, it in zip(predictions, items)) / n if n else None,
-        "accuracy_relaxed": sum(relaxed_match(p, it.answers) for p, it in zip(predictions, items)) / n if n else None,
+        "accuracy_exact": sum(exact_match(p, it.answers) for p, it in zip(predictions, items, strict=True)) / n
+        if n
+        else None,
+        "accuracy_relaxed": sum(relaxed_match(p, it.answers) for p, it in zip(predictions, items, strict=True)) / n
+        if n
+        else None,
         "accuracy_by_category": {c: sum(v) / len(v) for c, v in by_cat.items()},
         "n_items": n,
         "n_correct": k,

@@ -20,14 +20,19 @@ from .vqa_sets import Item
 
 CANVAS = 1120
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 150, 60), "blue": (30, 70, 220), "yellow": (240, 200, 20),
-    "orange": (245, 130, 20), "purple": (130, 50, 170), "black": (20, 20, 20),
+    "red": (220, 30, 30),
+    "green": (30, 150, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+    "orange": (245, 130, 20),
+    "purple": (130, 50, 170),
+    "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("EDGE", "CAT", "RIVER", "MODEL", "PIXEL", "GLASS", "HORSE", "TABLE", "LIGHT", "QUANT", "PAPER", "MUSIC")
 TEXT_SIZES_PX = (96, 48, 24, 12)  # font size on the 1120 canvas
 KINDS = ("colour", "shape", "count", "word", "digits")
-SUFFIX = "\nShort Answer."  # VLMEvalKit's GLM-4V prompt suffix for short-answer sets (serving-anchors D.1)
+SUFFIX = "\nShort Answer."  # VLMEvalKit's GLM-4V prompt suffix for short-answer sets (docs/MODEL.md §8.7)
 NUMBER_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

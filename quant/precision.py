@@ -25,6 +25,11 @@ LM_HEAD = "transformer.output_layer"
 VISION = "transformer.vision"
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 → "bf16": the short name the flags and the estimator use (the inverse of FLOAT_PRECISIONS)."""
+    return {d: n for n, d in FLOAT_PRECISIONS.items()}[dtype]
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name

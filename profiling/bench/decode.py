@@ -29,14 +29,19 @@ MODES = ("off", "static", "reduce-overhead", "cudagraphs", "default")
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint folder (default: --synthetic mid)")
-    src.add_argument("--synthetic", help="random weights of this architecture: full (the real 13.9B), mid, tiny or "
-                                         "a config.json")
+    src.add_argument(
+        "--synthetic", help="random weights of this architecture: full (the real 13.9B), mid, tiny or a config.json"
+    )
     p.add_argument("--precision", default="bf16", help="precision to load (default bf16)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--context", type=int, default=1024, help="cache entries already filled per row (default 1024)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="cache row length (default: --context + warm-up + steps + 1, rounded up to 256)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="cache row length (default: --context + warm-up + steps + 1, rounded up to 256)",
+    )
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per batch size (default 64)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--modes", default="off,static", help=f"comma list of {', '.join(MODES)} (default off,static)")
@@ -79,8 +84,14 @@ def time_mode(lm, mode: str, batches: list[int], context: int, max_len: int, ste
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             step = sorted(times)[len(times) // 2]
-            rows.append({"batch": b, "step_ms_p50": step * 1e3, "step_ms_mean": sum(times) / len(times) * 1e3,
-                         "tokens_per_s": b / step})
+            rows.append(
+                {
+                    "batch": b,
+                    "step_ms_p50": step * 1e3,
+                    "step_ms_mean": sum(times) / len(times) * 1e3,
+                    "tokens_per_s": b / step,
+                }
+            )
             log.info("%s batch %d: %.2f ms/step, %.1f tok/s", mode, b, step * 1e3, b / step)
     del graphs, cache, logits
     if mode not in ("off", "static"):
@@ -95,15 +106,21 @@ def time_mode(lm, mode: str, batches: list[int], context: int, max_len: int, ste
 
 def markdown(results: list[dict], meta: dict) -> str:
     base = {r["batch"]: r["tokens_per_s"] for r in results[0]["batches"]}
-    lines = [f"# bench-decode: {meta['model']} at {meta['precision']} on {meta['device_name']}", "",
-             f"context {meta['context']} entries per row, {meta['steps']} timed steps, torch {meta['torch']}, "
-             f"{meta['date']}", "",
-             f"| mode | batch | ms/step (p50) | tok/s | vs {results[0]['mode']} | compile + warm-up |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# bench-decode: {meta['model']} at {meta['precision']} on {meta['device_name']}",
+        "",
+        f"context {meta['context']} entries per row, {meta['steps']} timed steps, torch {meta['torch']}, "
+        f"{meta['date']}",
+        "",
+        f"| mode | batch | ms/step (p50) | tok/s | vs {results[0]['mode']} | compile + warm-up |",
+        "|---|---|---|---|---|---|",
+    ]
     for res in results:
         for r in res["batches"]:
-            lines.append(f"| {res['mode']} | {r['batch']} | {r['step_ms_p50']:.2f} | {r['tokens_per_s']:.1f} | "
-                         f"{r['tokens_per_s'] / base[r['batch']]:.2f}× | {res['compile_s']:.1f} s |")
+            lines.append(
+                f"| {res['mode']} | {r['batch']} | {r['step_ms_p50']:.2f} | {r['tokens_per_s']:.1f} | "
+                f"{r['tokens_per_s'] / base[r['batch']]:.2f}× | {res['compile_s']:.1f} s |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -138,10 +155,16 @@ def run(args) -> int:
     lm, label = open_model(request), request.source_label()
     dev = lm.device
     meta = {
-        "model": label, "precision": lm.spec.label(), "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-        f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
-        "context": args.context, "max_model_len": max_len, "steps": args.steps, "torch": torch.__version__,
+        "model": label,
+        "precision": lm.spec.label(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+        "context": args.context,
+        "max_model_len": max_len,
+        "steps": args.steps,
+        "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": "glm4v-edge bench-decode " + " ".join(sys.argv[2:]),
     }

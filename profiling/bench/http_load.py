@@ -51,8 +51,14 @@ async def one_request(client, url: str, headers: dict, body: dict) -> RequestRes
     if first is None:
         return RequestResult(False, error="no content received")
     out = usage.get("completion_tokens", chunks) if usage else chunks
-    return RequestResult(True, ttft_s=first - t0, e2e_s=end - t0, output_tokens=out,
-                         prompt_tokens=(usage or {}).get("prompt_tokens", 0), itl_s=itl)
+    return RequestResult(
+        True,
+        ttft_s=first - t0,
+        e2e_s=end - t0,
+        output_tokens=out,
+        prompt_tokens=(usage or {}).get("prompt_tokens", 0),
+        itl_s=itl,
+    )
 
 
 async def run_level(base_url: str, api_key: str | None, concurrency: int, bodies: list[dict], timeout_s: float):
@@ -94,6 +100,9 @@ def benchmark_http(args, base_url: str) -> list[dict]:
         results, dur = asyncio.run(run_level(base_url, args.api_key, c, bodies, args.timeout))
         out.append(level_summary(c, results, dur))
         s = out[-1]
-        print(f"concurrency {c:>3}: {s['completed']}/{s['requests']} ok, {s['output_tokens_per_s']:.1f} out tok/s, "
-              f"TTFT p50 {fmt_ms(s['ttft_s']['p50'])}, TPOT p50 {fmt_ms(s['tpot_s']['p50'])}", flush=True)
+        print(
+            f"concurrency {c:>3}: {s['completed']}/{s['requests']} ok, {s['output_tokens_per_s']:.1f} out tok/s, "
+            f"TTFT p50 {fmt_ms(s['ttft_s']['p50'])}, TPOT p50 {fmt_ms(s['tpot_s']['p50'])}",
+            flush=True,
+        )
     return out

@@ -78,12 +78,19 @@ def bench_plain(lm, inputs, args) -> dict:
     for ids, data in inputs:
         start = time.perf_counter()
         first, times = None, []
-        for step in generate(lm.model, lm.tokenizer, ids, _pixels(lm, data), _params(args)):
+        for _step in generate(lm.model, lm.tokenizer, ids, _pixels(lm, data), _params(args)):
             now = time.perf_counter()
             first = first or now
             times.append(now)
-        results.append(RequestResult(True, ttft_s=first - start, e2e_s=times[-1] - start, output_tokens=len(times),
-                                     itl_s=[b - a for a, b in zip(times, times[1:])]))
+        results.append(
+            RequestResult(
+                True,
+                ttft_s=first - start,
+                e2e_s=times[-1] - start,
+                output_tokens=len(times),
+                itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            )
+        )
     return level_summary(1, results, time.perf_counter() - t0)
 
 
@@ -100,9 +107,14 @@ def bench_engine(lm, engine, inputs, args, concurrency: int) -> dict:
                 times.append(time.perf_counter())
             elif ev.kind == "error":
                 return RequestResult(False, error=str(ev.error))
-        return RequestResult(True, ttft_s=times[0] - start, e2e_s=times[-1] - start,
-                             output_tokens=h.completion_tokens, prompt_tokens=h.prompt_tokens,
-                             itl_s=[b - a for a, b in zip(times, times[1:])])
+        return RequestResult(
+            True,
+            ttft_s=times[0] - start,
+            e2e_s=times[-1] - start,
+            output_tokens=h.completion_tokens,
+            prompt_tokens=h.prompt_tokens,
+            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+        )
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -122,10 +134,27 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     source = ["--synthetic", args.synthetic] if args.synthetic else ["--model", model_dir]
-    cmd = [sys.executable, "-m", "glm4v_edge", "--log-level", "WARNING", "serve", *source,
-           "--precision", args.precision, "--port", str(port), "--max-batch-size", str(max_batch_size),
-           "--prefill-chunk", str(args.prefill_chunk), "--vision-layers-per-step", str(args.vision_layers_per_step),
-           "--compile", args.compile]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glm4v_edge",
+        "--log-level",
+        "WARNING",
+        "serve",
+        *source,
+        "--precision",
+        args.precision,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
+        "--vision-layers-per-step",
+        str(args.vision_layers_per_step),
+        "--compile",
+        args.compile,
+    ]
     if args.device:
         cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -161,9 +190,14 @@ def benchmark_local(args, meta: dict) -> dict:
     print(f"plain decode loop: {plain['output_tokens_per_s']:.1f} out tok/s", flush=True)
 
     engine_levels = []
-    engine = Engine(lm.model, lm.tokenizer, max_batch_size=max(args.max_batch_size, max(args.concurrency)),
-                    prefill_chunk=args.prefill_chunk, vision_layers_per_step=args.vision_layers_per_step,
-                    decode_graphs=compile_mode(args.compile, lm.device))
+    engine = Engine(
+        lm.model,
+        lm.tokenizer,
+        max_batch_size=max(args.max_batch_size, max(args.concurrency)),
+        prefill_chunk=args.prefill_chunk,
+        vision_layers_per_step=args.vision_layers_per_step,
+        decode_graphs=compile_mode(args.compile, lm.device),
+    )
     engine.start()
     if engine.compile_status() is not None:
         meta["compile"] = engine.compile_status()
@@ -184,18 +218,24 @@ def benchmark_local(args, meta: dict) -> dict:
         proc.wait(timeout=60)
 
     rows = ["| path | concurrency | out tok/s | TTFT p50 | TPOT p50 | ratio |", "|---|---|---|---|---|---|"]
-    rows.append(f"| plain decode loop | 1 | {plain['output_tokens_per_s']:.1f} | {fmt_ms(plain['ttft_s']['p50'])} | "
-                f"{fmt_ms(plain['tpot_s']['p50'])} | 1.00× (baseline) |")
+    rows.append(
+        f"| plain decode loop | 1 | {plain['output_tokens_per_s']:.1f} | {fmt_ms(plain['ttft_s']['p50'])} | "
+        f"{fmt_ms(plain['tpot_s']['p50'])} | 1.00× (baseline) |"
+    )
     base_engine = engine_levels[0]["output_tokens_per_s"]
     for s in engine_levels:
-        rows.append(f"| engine in-process | {s['concurrency']} | {s['output_tokens_per_s']:.1f} | "
-                    f"{fmt_ms(s['ttft_s']['p50'])} | {fmt_ms(s['tpot_s']['p50'])} | "
-                    f"{s['output_tokens_per_s'] / plain['output_tokens_per_s']:.2f}× plain, "
-                    f"{s['output_tokens_per_s'] / base_engine:.2f}× engine c=1 |")
-    for s, e in zip(http_levels, engine_levels):
-        rows.append(f"| engine over HTTP (SSE) | {s['concurrency']} | {s['output_tokens_per_s']:.1f} | "
-                    f"{fmt_ms(s['ttft_s']['p50'])} | {fmt_ms(s['tpot_s']['p50'])} | "
-                    f"{s['output_tokens_per_s'] / e['output_tokens_per_s']:.2f}× in-process |")
+        rows.append(
+            f"| engine in-process | {s['concurrency']} | {s['output_tokens_per_s']:.1f} | "
+            f"{fmt_ms(s['ttft_s']['p50'])} | {fmt_ms(s['tpot_s']['p50'])} | "
+            f"{s['output_tokens_per_s'] / plain['output_tokens_per_s']:.2f}× plain, "
+            f"{s['output_tokens_per_s'] / base_engine:.2f}× engine c=1 |"
+        )
+    for s, e in zip(http_levels, engine_levels, strict=True):
+        rows.append(
+            f"| engine over HTTP (SSE) | {s['concurrency']} | {s['output_tokens_per_s']:.1f} | "
+            f"{fmt_ms(s['ttft_s']['p50'])} | {fmt_ms(s['tpot_s']['p50'])} | "
+            f"{s['output_tokens_per_s'] / e['output_tokens_per_s']:.2f}× in-process |"
+        )
     md = markdown(http_levels, "bench-serve (this project, one machine)", meta)
     md += "\n## Side by side\n\n" + "\n".join(rows) + "\n"
     return {"meta": meta, "plain": plain, "engine": engine_levels, "http": http_levels, "markdown": md}

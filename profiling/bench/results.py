@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..stats import percentile
 
+
 @dataclass
 class RequestResult:
     ok: bool
@@ -57,14 +58,19 @@ def fmt_ms(x) -> str:
 def markdown(levels: list[dict], title: str, meta: dict) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
-    lines += ["", "| concurrency | requests | out tok/s | req/s | TTFT mean / p50 / p99 | TPOT mean / p50 / p99 | "
-              "ITL p50 / p99 | e2e p50 / p99 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| concurrency | requests | out tok/s | req/s | TTFT mean / p50 / p99 | TPOT mean / p50 / p99 | "
+        "ITL p50 / p99 | e2e p50 / p99 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in levels:
         t, p, i, e = s["ttft_s"], s["tpot_s"], s["itl_s"], s["e2e_s"]
         lines.append(
             f"| {s['concurrency']} | {s['completed']}/{s['requests']} | {s['output_tokens_per_s']:.1f} | "
             f"{s['request_throughput']:.2f} | {fmt_ms(t['mean'])} / {fmt_ms(t['p50'])} / {fmt_ms(t['p99'])} | "
-            f"{fmt_ms(p['mean'])} / {fmt_ms(p['p50'])} / {fmt_ms(p['p99'])} | {fmt_ms(i['p50'])} / {fmt_ms(i['p99'])} | "
+            f"{fmt_ms(p['mean'])} / {fmt_ms(p['p50'])} / {fmt_ms(p['p99'])} | "
+            f"{fmt_ms(i['p50'])} / {fmt_ms(i['p99'])} | "
             f"{fmt_ms(e['p50'])} / {fmt_ms(e['p99'])} |"
         )
     return "\n".join(lines) + "\n"

@@ -11,8 +11,9 @@ Output tokens are the server's ``usage.completion_tokens`` when it reports usage
 else the number of content chunks. Synthetic images are random noise, different for every request, so a server
 cannot cache them. Works against ours, vLLM, Xinference, llama.cpp or anything else speaking the API.
 
-``--base-url`` may be given with or without ``/v1``. Without it, it benchmarks this project on one machine, side by side in one run: the plain decode loop,
-the in-process batching engine, and the same engine behind HTTP (``--model DIR`` or the demo checkpoint).
+``--base-url`` may be given with or without ``/v1``. Without it, it benchmarks this project on one machine, side
+by side in one run: the plain decode loop, the in-process batching engine, and the same engine behind HTTP
+(``--model DIR`` or the demo checkpoint).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from .results import markdown
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--base-url", help="server to test, e.g. http://127.0.0.1:8000; omit to benchmark this project "
-                                      "in-process and over HTTP side by side")
+    p.add_argument(
+        "--base-url",
+        help="server to test, e.g. http://127.0.0.1:8000; omit to benchmark this project "
+        "in-process and over HTTP side by side",
+    )
     p.add_argument("--api-key", help="Bearer key for the server")
     p.add_argument("--model-name", help="model id to request (default: the first of /v1/models)")
     p.add_argument("--concurrency", default="1,4,8", help="comma list of max in-flight requests (default 1,4,8)")
@@ -42,18 +46,34 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="(without --base-url) checkpoint folder; default the tiny demo checkpoint")
-    p.add_argument("--synthetic", help="(without --base-url) random weights of this architecture instead of a "
-                                       "checkpoint: full (the real 13.9B, on a GPU), mid, tiny or a config.json")
+    p.add_argument(
+        "--synthetic",
+        help="(without --base-url) random weights of this architecture instead of a "
+        "checkpoint: full (the real 13.9B, on a GPU), mid, tiny or a config.json",
+    )
     p.add_argument("--precision", default="bf16", help="(without --base-url) precision to load (default bf16)")
     p.add_argument("--device", help="(without --base-url) cpu or cuda")
     p.add_argument("--max-batch-size", type=int, default=8, help="(without --base-url) engine batch size")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="(without --base-url) prompt entries prefilled per engine step (default 512)")
-    p.add_argument("--vision-layers-per-step", type=int, default=8,
-                   help="(without --base-url) ViT layers run per engine step (default 8)")
-    p.add_argument("--compile", default="off", nargs="?", const="reduce-overhead",
-                   choices=("off", "reduce-overhead", "cudagraphs", "default"),
-                   help="(without --base-url) serve's --compile, for the engine and the server (GPU only)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="(without --base-url) prompt entries prefilled per engine step (default 512)",
+    )
+    p.add_argument(
+        "--vision-layers-per-step",
+        type=int,
+        default=8,
+        help="(without --base-url) ViT layers run per engine step (default 8)",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        nargs="?",
+        const="reduce-overhead",
+        choices=("off", "reduce-overhead", "cudagraphs", "default"),
+        help="(without --base-url) serve's --compile, for the engine and the server (GPU only)",
+    )
 
 
 def run(args) -> int:

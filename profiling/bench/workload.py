@@ -7,8 +7,10 @@ import base64
 import io
 from pathlib import Path
 
-WORDS = ("the quick brown fox jumps over a lazy dog while red green blue shapes count five small words in one "
-         "picture of edge devices").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while red green blue shapes count five small words in one "
+    "picture of edge devices"
+).split()
 
 
 def synthetic_prompt(n_words: int, seed: int) -> str:
@@ -45,13 +47,15 @@ def build_bodies(args, n: int, offset: int) -> list[dict]:
             content.append({"type": "image_url", "image_url": {"url": file_image_url(args.image)}})
         elif args.synthetic_images:
             content.append({"type": "image_url", "image_url": {"url": synthetic_image_url(seed, args.image_side)}})
-        bodies.append({
-            "model": args.model_name,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,  # vLLM's extension, also ours: every request produces max_tokens
-        })
+        bodies.append(
+            {
+                "model": args.model_name,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,  # vLLM's extension, also ours: every request produces max_tokens
+            }
+        )
     return bodies

@@ -11,8 +11,23 @@ def profile_out(tiny_dir, tmp_path_factory):
     from glm4v_edge.cli import main
 
     out = tmp_path_factory.mktemp("profile")
-    rc = main(["profile", "--model", str(tiny_dir), "--precision", "fp16,nf4", "--new-tokens", "4",
-               "--repeat", "2", "--prompt-tokens", "40", "--out", str(out)])
+    rc = main(
+        [
+            "profile",
+            "--model",
+            str(tiny_dir),
+            "--precision",
+            "fp16,nf4",
+            "--new-tokens",
+            "4",
+            "--repeat",
+            "2",
+            "--prompt-tokens",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     return rc, out
 
 
@@ -22,6 +37,21 @@ def eval_out(tiny_dir, tmp_path_factory):
     from glm4v_edge.cli import main
 
     out = tmp_path_factory.mktemp("eval")
-    rc = main(["eval", "--model", str(tiny_dir), "--precision", "int8,nf4", "--reference", "fp32",
-               "--limit", "10", "--max-new-tokens", "8", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_dir),
+            "--precision",
+            "int8,nf4",
+            "--reference",
+            "fp32",
+            "--limit",
+            "10",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     return rc, out

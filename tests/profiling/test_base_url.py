@@ -1,6 +1,7 @@
 """``eval --base-url``: plain OpenAI chat completions over a real socket, against a small local HTTP server.
 
-The stub stands in for any OpenAI-compatible server (tests/server/test_eval_against_server.py runs it against ours). It knows each synthetic image's
+The stub stands in for any OpenAI-compatible server (tests/profiling/test_eval_against_server.py runs it against
+ours). It knows each synthetic image's
 answer by the image's hash; "/ref" answers everything right and reports its precision in /v1/models, "/cand"
 gets the counting questions wrong and reports nothing.
 """
@@ -40,9 +41,21 @@ def server():
 
         def do_GET(self):
             if self.path == "/ref/v1/models":
-                return self._send(200, {"object": "list", "data": [
-                    {"id": "glm-4v-9b", "object": "model", "owned_by": "test", "precision": "bf16",
-                     "vision_size": 1120}]})
+                return self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": "glm-4v-9b",
+                                "object": "model",
+                                "owned_by": "test",
+                                "precision": "bf16",
+                                "vision_size": 1120,
+                            }
+                        ],
+                    },
+                )
             if self.path == "/cand/v1/models":
                 return self._send(200, {"object": "list", "data": [{"id": "other-vlm", "object": "model"}]})
             self._send(404, {"error": {"message": "not found"}})
@@ -59,9 +72,18 @@ def server():
             text = item.answers[0]
             if self.path.startswith("/cand") and item.category == "count":
                 text = "many"
-            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": text + "."}}]})
+            self._send(
+                200,
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text + "."}}
+                    ],
+                },
+            )
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -74,8 +96,21 @@ def server():
 def test_base_url_scores_accuracy_and_greedy_match_without_logits(server, tmp_path, capsys):
     base, requests = server
     out = tmp_path / "http"
-    rc = main(["eval", "--base-url", f"{base}/ref/v1,{base}/cand/v1", "--limit", "10", "--seed", "5",
-               "--max-new-tokens", "12", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--base-url",
+            f"{base}/ref/v1,{base}/cand/v1",
+            "--limit",
+            "10",
+            "--seed",
+            "5",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "no full next-token distribution" in err

@@ -9,8 +9,29 @@ from glm4v_edge.cli import main
 
 def test_bench_decode_writes_results(tmp_path, capsys):
     out = tmp_path / "bd"
-    rc = main(["--log-level", "WARNING", "bench-decode", "--synthetic", "tiny", "--device", "cpu", "--modes",
-               "off,static", "--batch", "1,3", "--context", "40", "--steps", "4", "--warmup", "1", "--out", str(out)])
+    rc = main(
+        [
+            "--log-level",
+            "WARNING",
+            "bench-decode",
+            "--synthetic",
+            "tiny",
+            "--device",
+            "cpu",
+            "--modes",
+            "off,static",
+            "--batch",
+            "1,3",
+            "--context",
+            "40",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["context"] == 40 and data["meta"]["max_model_len"] == 256

@@ -16,8 +16,18 @@ from ..support import serve
 
 
 def _args(**kw):
-    base = dict(model_name=None, api_key=None, concurrency=[1, 3], requests=3, image=None, synthetic_images=True,
-                image_side=48, prompt_tokens=8, max_tokens=6, timeout=60)
+    base = dict(
+        model_name=None,
+        api_key=None,
+        concurrency=[1, 3],
+        requests=3,
+        image=None,
+        synthetic_images=True,
+        image_side=48,
+        prompt_tokens=8,
+        max_tokens=6,
+        timeout=60,
+    )
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -55,15 +65,42 @@ def test_http_benchmark_counts_failures_instead_of_crashing(base_settings, tiny_
 
 def test_bench_serve_command_in_process_side_by_side(tiny_dir, tmp_path):
     out = tmp_path / "bench"
-    rc = main(["bench-serve", "--model", str(tiny_dir), "--precision", "fp32", "--concurrency", "1,2",
-               "--requests", "2", "--max-tokens", "4", "--prompt-tokens", "6", "--synthetic-images",
-               "--image-side", "40", "--out", str(out)])
+    rc = main(
+        [
+            "bench-serve",
+            "--model",
+            str(tiny_dir),
+            "--precision",
+            "fp32",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "2",
+            "--max-tokens",
+            "4",
+            "--prompt-tokens",
+            "6",
+            "--synthetic-images",
+            "--image-side",
+            "40",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     levels = json.loads((out / "results.json").read_text())
     assert [lv["concurrency"] for lv in levels] == [1, 2]
     for lv in levels:
-        assert {"concurrency", "requests", "output_tokens_per_s", "request_throughput", "ttft_s", "tpot_s", "itl_s",
-                "e2e_s"} <= set(lv)
+        assert {
+            "concurrency",
+            "requests",
+            "output_tokens_per_s",
+            "request_throughput",
+            "ttft_s",
+            "tpot_s",
+            "itl_s",
+            "e2e_s",
+        } <= set(lv)
     local = json.loads((out / "local.json").read_text())
     assert local["plain"]["output_tokens"] == 2 * 4 and [e["concurrency"] for e in local["engine"]] == [1, 2]
     md = (out / "results.md").read_text()
@@ -77,4 +114,6 @@ def test_bad_concurrency_is_refused(tmp_path, capsys):
 
 def test_image_flags_are_exclusive(tmp_path):
     with pytest.raises(SystemExit):
-        main(["bench-serve", "--base-url", "http://x", "--image", "a.png", "--synthetic-images", "--out", str(tmp_path)])
+        main(
+            ["bench-serve", "--base-url", "http://x", "--image", "a.png", "--synthetic-images", "--out", str(tmp_path)]
+        )

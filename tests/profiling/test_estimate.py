@@ -1,4 +1,5 @@
-"""The estimator: released-config arithmetic from the spec's parameter count, exact agreement with what loaded
+"""The estimator: released-config arithmetic from the parameter count of docs/MODEL.md §2.3, exact agreement with
+what loaded
 (and synthetic) tiny models occupy, and the ``estimate`` command."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from glm4v import ChatGLMConfig
 from glm4v_edge.cli import main
 from quant.estimate import estimate, parameter_count
 
-# Spec §2.3, from the checkpoint shapes: 13,906,320,896 parameters.
+# docs/MODEL.md §2.3, from the checkpoint shapes: 13,906,320,896 parameters.
 TOTAL = 13_906_320_896
 LM_BLOCK_LINEAR_W = 4608 * 4096 + 4096 * 4096 + 27392 * 4096 + 4096 * 13696  # qkv, dense, h→4h, 4h→h weights
 VISION_LAYER_LINEAR_W = 5376 * 1792 + 1792 * 1792 + 15360 * 1792 + 1792 * 15360
@@ -24,7 +25,7 @@ QUANTIZED_LAYERS = 40 * 4 + 63 * 4 + 4
 def test_real_config_bf16_weights_are_27_8_gb():
     est = estimate(precision="bf16")
     assert parameter_count(ChatGLMConfig()) == TOTAL
-    assert est.weights_bytes == 2 * TOTAL == 27_812_641_792  # THUDM: "28 GB"; spec: ≈ 27.8 GB
+    assert est.weights_bytes == 2 * TOTAL == 27_812_641_792  # THUDM: "28 GB"; docs/MODEL.md: ≈ 27.8 GB
     assert round(est.weights_bytes / 1e9, 1) == 27.8
 
 
@@ -41,8 +42,18 @@ def test_int8_and_nf4_weights_follow_from_the_parameter_count():
     assert (round(int8 / 1e9, 2), round(nf4_plain / 1e9, 2), round(nf4 / 1e9, 2)) == (15.2, 9.67, 9.08)
 
 
-COMBOS = [("fp32", None), ("bf16", None), ("fp16", None), ("int8", None), ("nf4", None), ("fp4", None),
-          ("nf4", "bf16"), ("int8", "nf4"), ("nf4", "int8"), ("bf16", "int8")]
+COMBOS = [
+    ("fp32", None),
+    ("bf16", None),
+    ("fp16", None),
+    ("int8", None),
+    ("nf4", None),
+    ("fp4", None),
+    ("nf4", "bf16"),
+    ("int8", "nf4"),
+    ("nf4", "int8"),
+    ("bf16", "int8"),
+]
 
 
 @pytest.mark.parametrize("precision,vision_precision", COMBOS)
@@ -66,8 +77,14 @@ def test_estimate_json_has_the_documented_fields(capsys):
         assert k in d
     assert d["fits"] is True and d["total_bytes"] < 12e9
     assert d["kv_cache_bytes_per_token"] == 40 * 2 * 128 * 2 * 2  # 40 KiB/token in bf16
-    assert set(d["breakdown"]["weights"]) >= {"lm_linears", "vision_linears", "projector", "embeddings", "lm_head",
-                                              "quant_state"}
+    assert set(d["breakdown"]["weights"]) >= {
+        "lm_linears",
+        "vision_linears",
+        "projector",
+        "embeddings",
+        "lm_head",
+        "quant_state",
+    }
     assert d["parameters"] == TOTAL
     assert d["best_fitting"]["precision"] == "nf4"
 

@@ -27,8 +27,17 @@ def test_int8_is_closer_to_fp32_than_nf4(eval_out):
     assert [(r["precision"], r["is_reference"]) for r in rows] == [("fp32", True), ("int8", False), ("nf4", False)]
     ref, int8, nf4 = rows
     for r in rows:
-        for k in ("precision", "reference", "kl_mean", "kl_p99", "top1_agreement", "greedy_match", "accuracy",
-                  "accuracy_ci_low", "accuracy_ci_high"):
+        for k in (
+            "precision",
+            "reference",
+            "kl_mean",
+            "kl_p99",
+            "top1_agreement",
+            "greedy_match",
+            "accuracy",
+            "accuracy_ci_low",
+            "accuracy_ci_high",
+        ):
             assert r[k] is not None, k
         assert r["reference"] == "fp32" and r["n_items"] == 10 and r["task"] == "synthetic"
         assert 0 <= r["accuracy_ci_low"] <= r["accuracy"] <= r["accuracy_ci_high"] <= 1

@@ -15,12 +15,30 @@ from ..support import serve
 
 def test_eval_base_url_against_our_server(base_settings, load_tiny, tmp_path, capsys):
     ref, cand = load_tiny("fp32"), load_tiny("nf4")
-    roomy = replace(base_settings, max_image_bytes=8 << 20, max_image_pixels=4_000_000, max_request_bytes=32 << 20,
-                    max_model_len=512)
+    roomy = replace(
+        base_settings,
+        max_image_bytes=8 << 20,
+        max_image_pixels=4_000_000,
+        max_request_bytes=32 << 20,
+        max_model_len=512,
+    )
     with serve(roomy, ref) as a, serve(roomy, cand) as b:
         out = tmp_path / "eval"
-        rc = main(["eval", "--base-url", f"{a.url}/v1,{b.url}/v1", "--limit", "4", "--seed", "3",
-                   "--max-new-tokens", "5", "--out", str(out)])
+        rc = main(
+            [
+                "eval",
+                "--base-url",
+                f"{a.url}/v1,{b.url}/v1",
+                "--limit",
+                "4",
+                "--seed",
+                "3",
+                "--max-new-tokens",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
     assert rc == 0
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["precision"] for r in rows] == ["fp32", "nf4"]  # read from each server's /v1/models
@@ -35,6 +53,11 @@ def test_eval_base_url_against_our_server(base_settings, load_tiny, tmp_path, ca
     assert first["id"] == item.id and first["config"].endswith(f"{a.url}/v1")
     ids = build_prompt(ref.tokenizer, [Message("user", item.question + "\nShort Answer.", has_image=True)]).ids
     ids += ref.tokenizer.encode("\n")
-    text, _, _ = generate_text(ref.model, ref.tokenizer, ids, ref.image_processor(item.png_bytes()),
-                               SamplingParams(max_new_tokens=5, temperature=0))
+    text, _, _ = generate_text(
+        ref.model,
+        ref.tokenizer,
+        ids,
+        ref.image_processor(item.png_bytes()),
+        SamplingParams(max_new_tokens=5, temperature=0),
+    )
     assert first["prediction"] == text.strip()

@@ -53,8 +53,10 @@ class FakeNvml(types.SimpleNamespace):
         return types.SimpleNamespace(used=self.device_used, total=24 * 1024 * MiB, free=0)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        return [types.SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used),
-                types.SimpleNamespace(pid=self.pid + 1, usedGpuMemory=123 * MiB)]
+        return [
+            types.SimpleNamespace(pid=self.pid, usedGpuMemory=self.process_used),
+            types.SimpleNamespace(pid=self.pid + 1, usedGpuMemory=123 * MiB),
+        ]
 
     def nvmlDeviceGetName(self, handle):
         return b"NVIDIA GeForce RTX 4090"
@@ -117,8 +119,11 @@ def test_fake_nvml_phases_peaks_and_both_readings():
     assert out["peak_memory_bytes"] == 1500 * MiB
     assert out["device_used_idle_bytes"] == 1000 * MiB and out["device_used_peak_bytes"] == 1900 * MiB
     assert out["process_used_peak_bytes"] == 1500 * MiB
-    assert s.device_info == {"gpu_name": "NVIDIA GeForce RTX 4090", "gpu_driver": "560.35.03",
-                             "gpu_memory_bytes": 24 * 1024 * MiB}
+    assert s.device_info == {
+        "gpu_name": "NVIDIA GeForce RTX 4090",
+        "gpu_driver": "560.35.03",
+        "gpu_memory_bytes": 24 * 1024 * MiB,
+    }
     assert fake.calls[0] == "init" and fake.calls[-1] == "shutdown"
 
 
@@ -150,9 +155,14 @@ def test_background_thread_samples_between_events():
     assert sum(x.phase == "decode" for x in s.samples) >= 10
 
 
-@pytest.mark.parametrize("visible,device,expected", [
-    ("2,3", "cuda:1", "index:3"), ("GPU-abc", "cuda:0", "uuid:GPU-abc"), ("", "cuda:1", "index:1"),
-])
+@pytest.mark.parametrize(
+    "visible,device,expected",
+    [
+        ("2,3", "cuda:1", "index:3"),
+        ("GPU-abc", "cuda:0", "uuid:GPU-abc"),
+        ("", "cuda:1", "index:1"),
+    ],
+)
 def test_cuda_visible_devices_maps_to_the_physical_gpu(monkeypatch, visible, device, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     fake = FakeNvml()

@@ -14,8 +14,19 @@ from profiling.baseline import attach_baseline, baseline_summary
 
 from ..support import png_stats
 
-REQUIRED = ("precision", "vision_precision", "vision_size", "device", "memory_source", "peak_memory_bytes",
-            "idle_memory_bytes", "load_s", "ttft_s", "decode_tokens_per_s", "estimated_bytes")
+REQUIRED = (
+    "precision",
+    "vision_precision",
+    "vision_size",
+    "device",
+    "memory_source",
+    "peak_memory_bytes",
+    "idle_memory_bytes",
+    "load_s",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "estimated_bytes",
+)
 
 
 def _rows(out):
@@ -26,8 +37,10 @@ def test_profile_two_precisions_writes_all_outputs(profile_out, tiny_dir):
     rc, out = profile_out
     assert rc == 0
     rows = _rows(out)
-    assert [(r["precision"], r["role"], r["status"]) for r in rows] == [("fp16", "config", "ok"),
-                                                                         ("nf4", "config", "ok")]
+    assert [(r["precision"], r["role"], r["status"]) for r in rows] == [
+        ("fp16", "config", "ok"),
+        ("nf4", "config", "ok"),
+    ]
     for r in rows:
         for k in REQUIRED:
             assert r[k] is not None, k
@@ -67,12 +80,33 @@ def test_profile_two_precisions_writes_all_outputs(profile_out, tiny_dir):
 
 def test_synthetic_weights_over_vision_sizes_with_an_estimated_baseline(tmp_path, capsys):
     out = tmp_path / "synthetic"
-    rc = main(["profile", "--synthetic", "tiny", "--precision", "int8", "--vision-size", "112,56", "--baseline",
-               "none", "--new-tokens", "3", "--repeat", "1", "--warmup", "0", "--out", str(out)])
+    rc = main(
+        [
+            "profile",
+            "--synthetic",
+            "tiny",
+            "--precision",
+            "int8",
+            "--vision-size",
+            "112,56",
+            "--baseline",
+            "none",
+            "--new-tokens",
+            "3",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = _rows(out)
-    assert [(r["label"], r["vision_size"], r["image_tokens"]) for r in rows] == [("int8@112", 112, 18),
-                                                                                ("int8@56", 56, 6)]
+    assert [(r["label"], r["vision_size"], r["image_tokens"]) for r in rows] == [
+        ("int8@112", 112, 18),
+        ("int8@56", 56, 6),
+    ]
     for row in rows:
         assert row["status"] == "ok" and row["synthetic"] == "tiny" and row["model"] == "synthetic/tiny"
         assert row["layers"]["language_model"] == {"Linear8bitLt": 8} and row["vision_encode_s"] > 0
@@ -88,8 +122,20 @@ def test_synthetic_weights_over_vision_sizes_with_an_estimated_baseline(tmp_path
 def test_worker_text_only_prompt_in_process(tiny_dir):
     from profiling.profile_worker import RunSpec, run
 
-    row = run(RunSpec(precision="bf16", model=str(tiny_dir), device="cpu", prompt_tokens=24, new_tokens=3,
-                      image=None, warmup=0, repeat=1, idle_window_s=0.05, command="test"))
+    row = run(
+        RunSpec(
+            precision="bf16",
+            model=str(tiny_dir),
+            device="cpu",
+            prompt_tokens=24,
+            new_tokens=3,
+            image=None,
+            warmup=0,
+            repeat=1,
+            idle_window_s=0.05,
+            command="test",
+        )
+    )
     assert row["with_image"] is False and row["image_tokens"] == 0 and row["vision_encode_s"] is None
     assert row["prompt_tokens_expanded"] == row["prompt_tokens"] == 24 and row["new_tokens"] == 3
     assert row["estimate"]["context"] == 24 + 3 + 8 and row["command"] == "test"
@@ -100,8 +146,23 @@ def test_a_failing_configuration_is_reported_not_fatal(tiny_dir, tmp_path):
     shutil.copytree(tiny_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config.json still fine
     out = tmp_path / "out"
-    rc = main(["profile", "--model", str(broken), "--precision", "bf16", "--baseline", "none", "--repeat", "1",
-               "--new-tokens", "2", "--out", str(out)])
+    rc = main(
+        [
+            "profile",
+            "--model",
+            str(broken),
+            "--precision",
+            "bf16",
+            "--baseline",
+            "none",
+            "--repeat",
+            "1",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 1
     (row,) = _rows(out)
     assert row["status"] == "error" and "safetensors" in row["error"]
@@ -111,8 +172,21 @@ def test_a_failing_configuration_is_reported_not_fatal(tiny_dir, tmp_path):
 
 def test_a_worker_past_its_time_limit_is_killed(tiny_dir, tmp_path):
     out = tmp_path / "slow"
-    rc = main(["profile", "--model", str(tiny_dir), "--precision", "bf16", "--baseline", "none",
-               "--timeout-s", "0.5", "--out", str(out)])
+    rc = main(
+        [
+            "profile",
+            "--model",
+            str(tiny_dir),
+            "--precision",
+            "bf16",
+            "--baseline",
+            "none",
+            "--timeout-s",
+            "0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 1
     (row,) = _rows(out)
     assert row["status"] == "timeout" and "0.5s" in row["error"]
@@ -148,10 +222,19 @@ def test_other_processes_cpu_share_arithmetic(monkeypatch):
 
 
 def test_baseline_falls_back_to_the_estimate():
-    rows = [{"label": "nf4@1120", "status": "ok", "precision": "nf4", "vision_precision": "nf4",
-             "vision_size": 1120, "peak_memory_bytes": 10, "decode_tokens_per_s": 30.0, "ttft_s": 1.0},
-            {"label": "fp16@1120", "status": "oom", "precision": "fp16", "vision_precision": "fp16",
-             "vision_size": 1120}]
+    rows = [
+        {
+            "label": "nf4@1120",
+            "status": "ok",
+            "precision": "nf4",
+            "vision_precision": "nf4",
+            "vision_size": 1120,
+            "peak_memory_bytes": 10,
+            "decode_tokens_per_s": 30.0,
+            "ttft_s": 1.0,
+        },
+        {"label": "fp16@1120", "status": "oom", "precision": "fp16", "vision_precision": "fp16", "vision_size": 1120},
+    ]
     base = baseline_summary(rows, 1120, lambda: 40, reason="the fp16 run failed")
     assert base["baseline_source"] == "estimated" and base["baseline_peak_memory_bytes"] == 40
     attach_baseline(rows, base)

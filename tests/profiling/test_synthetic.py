@@ -18,10 +18,15 @@ from quant.estimate import estimate
 from quant.synthetic import build, synthetic_config, synthetic_tokenizer
 
 
-@pytest.mark.parametrize("precision,vision_precision,layer", [
-    ("bf16", None, "Linear"), ("int8", None, "Linear8bitLt"), ("nf4", "bf16", "Linear4bit"),
-    ("fp4", "int8", "Linear4bit"),
-])
+@pytest.mark.parametrize(
+    "precision,vision_precision,layer",
+    [
+        ("bf16", None, "Linear"),
+        ("int8", None, "Linear8bitLt"),
+        ("nf4", "bf16", "Linear4bit"),
+        ("fp4", "int8", "Linear4bit"),
+    ],
+)
 def test_tiny_synthetic_model_matches_the_estimate_and_generates(precision, vision_precision, layer):
     lm = build("tiny", precision, vision_precision, device="cpu")
     est = estimate(lm.config, precision=precision, vision_precision=vision_precision, device="cpu")
@@ -31,8 +36,9 @@ def test_tiny_synthetic_model_matches_the_estimate_and_generates(precision, visi
     assert not any(t.device.type == "meta" for t in list(lm.model.parameters()) + list(lm.model.buffers()))
     ids = profile_prompt(lm.tokenizer, 20, with_image=True)
     px = torch.rand(3, 112, 112)
-    text, out_ids, reason = generate_text(lm.model, lm.tokenizer, ids, px,
-                                          SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))
+    text, out_ids, reason = generate_text(
+        lm.model, lm.tokenizer, ids, px, SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    )
     assert len(out_ids) == 4 and reason == "length" and text
 
 

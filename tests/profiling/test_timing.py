@@ -21,8 +21,18 @@ class Clock:
 
 
 def test_timer_arithmetic_on_a_scripted_clock():
-    events = ["request_start", "preprocess_end", "prefill_start", "vision_start", "vision_end", "first_token",
-              "token", "token", "token", "end"]
+    events = [
+        "request_start",
+        "preprocess_end",
+        "prefill_start",
+        "vision_start",
+        "vision_end",
+        "first_token",
+        "token",
+        "token",
+        "token",
+        "end",
+    ]
     times = [0.0, 0.05, 0.06, 0.07, 0.27, 0.40, 0.45, 0.52, 0.57, 0.58]
     synced = []
     t = RequestTimer(sync=lambda: synced.append(1), clock=Clock(times))
@@ -75,8 +85,19 @@ def test_real_generation_emits_the_events_the_timer_needs(tiny_fp32, red_image):
     steps = list(generate(tiny_fp32.model, tiny_fp32.tokenizer, ids, px, params, hooks=hooks))
     hooks.on_event("end")
     assert len(steps) == 5
-    assert rec.events == ["request_start", "preprocess_end", "prefill_start", "vision_start", "vision_end",
-                          "first_token", "token", "token", "token", "token", "end"]
+    assert rec.events == [
+        "request_start",
+        "preprocess_end",
+        "prefill_start",
+        "vision_start",
+        "vision_end",
+        "first_token",
+        "token",
+        "token",
+        "token",
+        "token",
+        "end",
+    ]
     r = timer.result()
     assert r.new_tokens == 5 and len(r.token_latencies_s) == 4
     assert 0 < r.vision_encode_s < r.prefill_s < r.ttft_s < r.e2e_s
@@ -96,5 +117,8 @@ def test_torch_allocator_peaks_are_silent_on_cpu():
     t = TorchAllocatorPeaks("cpu")
     t.on_event("prefill_start")
     t.on_event("first_token")
-    assert t.summary() == {"torch_allocated_idle_bytes": None, "torch_allocated_peak_bytes": None,
-                           "torch_reserved_peak_bytes": None}
+    assert t.summary() == {
+        "torch_allocated_idle_bytes": None,
+        "torch_allocated_peak_bytes": None,
+        "torch_reserved_peak_bytes": None,
+    }
