@@ -68,6 +68,7 @@ def choose_max_model_len(lm: LoadedModel, config: EngineConfig, free_bytes: int 
         prefill_tokens=config.prefill_chunk,
         headroom_bytes=headroom,
         compute_dtype=precision_name(spec.dtype),
+        lm_head_precision=spec.lm_head_precision,
     )
     need = lm.image_tokens() + 256
     if fits < need:

@@ -60,6 +60,8 @@ class DecodeGraphs:
             self._window_tensors[w] = t
         self.warmup_s = 0.0
         self._fns: dict[int, object] = {}
+        # An input table in host memory (--offload embeddings) is read outside the graph; the rows come in as input.
+        self.lookup_outside = model.transformer.embedding.word_embeddings.weight.device != self.device
         if mode is not None:
             # The cache is mutated in place by every replay: tell dynamo its address never changes, so CUDA graphs
             # neither copy it in nor skip the graph for mutating an input (transformers' StaticCache does the same).
@@ -106,6 +108,9 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} exceeds the largest bucket {self.buckets[-1]}")
 
+    def _embeds(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        return self.model.transformer.embedding(inputs[0][:, None]) if self.lookup_outside else None
+
     @torch.inference_mode()  # as when serving: grad mode is part of what a compiled graph is guarded on
     def warmup(self, iterations: int = 3) -> float:
         """Compile (and for CUDA graphs record) every bucket before serving; returns the seconds it took.
@@ -121,7 +126,7 @@ class DecodeGraphs:
             for w in self.windows:  # every shape serving can meet: nothing is compiled or recorded later
                 for _ in range(iterations):
                     self._step_begin()
-                    self._fn(b)(self.model, self.cache, inputs, self._window_tensors[w])
+                    self._fn(b)(self.model, self.cache, inputs, self._window_tensors[w], self._embeds(inputs))
             log.debug("decode graphs for batch %d ready", b)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -142,7 +147,7 @@ class DecodeGraphs:
         positions = cache.next_positions[:n] + [0] * (b - n)
         inputs = torch.tensor([tokens + [0] * (b - n), positions, slots], dtype=torch.long).to(self.device)
         self._step_begin()
-        logits = self._fn(b)(self.model, cache, inputs, self._window_tensors[window])[:n]
+        logits = self._fn(b)(self.model, cache, inputs, self._window_tensors[window], self._embeds(inputs))[:n]
         for i in range(n):
             cache.lengths[i] += 1
             cache.next_positions[i] += 1

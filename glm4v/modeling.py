@@ -242,7 +242,9 @@ class ChatGLMForConditionalGeneration(PreTrainedModel):
 
     @property
     def embed_device(self) -> torch.device:
-        return self.transformer.embedding.word_embeddings.weight.device
+        """The language model's compute device (the final norm's: the input table itself may live in host memory,
+        its rows copied over per step)."""
+        return self.transformer.encoder.final_layernorm.weight.device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, N, N) → (B, (N/28)² + 2, H) in the embedding dtype, on the embedding device."""

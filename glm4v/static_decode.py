@@ -65,13 +65,17 @@ class StaticDecodeStep:
         return k_win, v_win, self.mask, False
 
 
-def static_decode(model, cache: KVCache, inputs: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def static_decode(
+    model, cache: KVCache, inputs: torch.Tensor, window: torch.Tensor, embeds: torch.Tensor | None = None
+) -> torch.Tensor:
     """``inputs`` (3, B) = token ids, positions, cache slots of rows ``[0, B)``; ``window`` = ``arange(L)``, the
-    cache entries attended → logits (B, vocab).
+    cache entries attended → logits (B, vocab). ``embeds`` (B, 1, H): the tokens' input embeddings when the caller
+    looked them up itself (a table in host memory cannot be read inside a captured graph).
 
     Pure tensor code (no host reads), so it traces into one graph.
     """
     tokens, positions, slots = inputs[0], inputs[1], inputs[2]
-    embeds = model.transformer.embedding(tokens[:, None])
+    if embeds is None:
+        embeds = model.transformer.embedding(tokens[:, None])
     step = StaticDecodeStep(cache, slots, window)
     return model.forward_embeds(embeds, positions[:, None], step, logits_to_keep=1)[:, -1]

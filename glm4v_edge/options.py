@@ -91,3 +91,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, env: bool = True, preci
         help="vision resolution, a multiple of 28 from 224 to 1120 (default: the checkpoint's 1120)",
     )
     add(parser, "--device", env=env, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_low_vram_arguments(parser, env=env)
+
+
+def add_low_vram_arguments(parser: argparse.ArgumentParser, env: bool = True) -> None:
+    """``--offload`` and ``--lm-head-precision``: the 8 GB / 6 GB configurations (quant/offload.py)."""
+    from quant import PRECISIONS
+
+    add(
+        parser,
+        "--offload",
+        env=env,
+        help="parts kept in host memory: 'vision' (streamed to the GPU layer by layer per image), 'embeddings' "
+        "(rows copied per step), both comma-separated, or 'none' (default: none; --precision auto may choose it "
+        "when nothing else fits)",
+    )
+    add(
+        parser,
+        "--lm-head-precision",
+        env=env,
+        choices=PRECISIONS,
+        help="LM head precision (default: 16-bit, the compute dtype); int8/nf4 save 0.6-0.9 GB on GLM-4V-9B",
+    )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from quant import PRECISIONS
+
 from .matrix import comma_list, precision_list, size_list, vision_precision_list
 
 __all__ = ["add_grid", "add_model_source", "comma_list"]
@@ -52,6 +54,20 @@ def add_grid(p: argparse.ArgumentParser, precision_default: str) -> None:
     )
     p.add_argument("--no-double-quant", action="store_true", help="4-bit: keep absmax statistics in fp32")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_low_vram(p)
+
+
+def add_low_vram(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--offload`` / ``--lm-head-precision`` (the 8 GB / 6 GB configurations), applied to every configuration."""
+    p.add_argument(
+        "--offload",
+        help=f"{what}parts kept in host memory: vision (streamed per image), embeddings, both comma-separated, or none",
+    )
+    p.add_argument(
+        "--lm-head-precision",
+        choices=PRECISIONS,
+        help=f"{what}LM head precision (default: 16-bit); eval shows its cost in KL / top-1",
+    )
 
 
 def model_config(args):

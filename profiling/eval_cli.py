@@ -115,7 +115,13 @@ def run(args) -> int:
         keys = [k.resolved(trained) for k in grid(args.precision, args.vision_precision, args.vision_size)]
         ref = args.reference[0]
         ref_key = ConfigKey(ref, ref, args.reference_vision_size or trained)
-        opts = dict(device=args.device, compute_dtype=args.compute_dtype, double_quant=not args.no_double_quant)
+        opts = dict(
+            device=args.device,
+            offload=args.offload,
+            lm_head_precision=args.lm_head_precision,
+            compute_dtype=args.compute_dtype,
+            double_quant=not args.no_double_quant,
+        )
         bar = ProgressBar((1 + sum(k != ref_key for k in keys)) * len(items), label="eval")
         rows, answers = evaluate_local(args.model, config, keys, ref_key, items, opts, args.max_new_tokens, bar)
     bar.close()

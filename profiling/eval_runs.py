@@ -41,15 +41,22 @@ def _free(lm) -> None:
         torch.cuda.empty_cache()
 
 
-def _load(model_dir: str, key: ConfigKey, opts: dict):
+def _load(model_dir: str, key: ConfigKey, opts: dict, reference: bool = False):
+    """The model of one configuration; ``--offload`` / ``--lm-head-precision`` apply to the compared ones, never
+    to the reference (it is the quality yardstick)."""
+    from quant.offload import parse_offload
     from quant.request import LoadRequest, open_model
 
+    opts = dict(opts)
+    offload, head = parse_offload(opts.pop("offload", None)), opts.pop("lm_head_precision", None)
     return open_model(
         LoadRequest(
             model=model_dir,
             precision=key.precision,
             vision_precision=key.vision_precision,
             vision_size=key.vision_size,
+            offload=() if reference else offload,
+            lm_head_precision=None if reference else head,
             **opts,
         )
     )
@@ -66,9 +73,12 @@ def _base_row(key: ConfigKey, lm, config, max_new_tokens: int, n_prompt: int) ->
         context=n_prompt + max_new_tokens,
         device=lm.device.type,
         prompt_tokens=n_prompt,
+        lm_head_precision=lm.spec.lm_head_precision,
+        offload=lm.offload,
     )
+    head = lm.spec.label().partition("+head-")[2]  # --lm-head-precision shows in the label: its cost is the point
     return {
-        "label": key.label(),
+        "label": key.label() + (f"+head-{head}" if head else "") + ("+offload" if lm.offload else ""),
         "precision": lm.spec.precision,
         "vision_precision": lm.spec.vision_precision,
         "vision_size": lm.vision_size,
@@ -110,7 +120,7 @@ def evaluate_local(
     from .answerers import LocalAnswerer
 
     rows, answers = [], []
-    ref_lm = _load(model_dir, ref_key, opts)
+    ref_lm = _load(model_dir, ref_key, opts, reference=True)
     ref = LocalAnswerer(ref_lm, max_new_tokens)
     t0 = time.perf_counter()
     ref_out = Answers([], [], [])

@@ -179,6 +179,8 @@ def run(args) -> int:
             compute_dtype=args.compute_dtype,
             double_quant=not args.no_double_quant,
             device=args.device,
+            offload=(args.offload or "none") if role == "config" else "none",  # the fp16 baseline stays all-resident
+            lm_head_precision=args.lm_head_precision if role == "config" else None,
             prompt_tokens=args.prompt_tokens,
             new_tokens=args.new_tokens,
             image=image,

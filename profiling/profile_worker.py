@@ -35,6 +35,8 @@ class RunSpec:
     compute_dtype: str | None = None
     double_quant: bool = True
     device: str | None = None
+    offload: str = "none"
+    lm_head_precision: str | None = None
     prompt_tokens: int = 64
     new_tokens: int = 32
     image: str | None = None  # None = text-only prompt
@@ -96,6 +98,7 @@ def make_resident(model) -> None:
 
 
 def load_request(spec: RunSpec):
+    from quant.offload import parse_offload
     from quant.request import LoadRequest
 
     return LoadRequest(
@@ -107,6 +110,8 @@ def load_request(spec: RunSpec):
         vision_size=spec.vision_size,
         compute_dtype=spec.compute_dtype,
         double_quant=spec.double_quant,
+        offload=parse_offload(spec.offload),
+        lm_head_precision=spec.lm_head_precision,
     )
 
 
@@ -194,6 +199,8 @@ def run(spec: RunSpec) -> dict:
         compute_dtype=spec.compute_dtype,
         double_quant=spec.double_quant,
         prompt_tokens=expanded,
+        lm_head_precision=lm.spec.lm_head_precision,
+        offload=lm.offload,
     )
     row = ProfileRow.from_dict(
         {

@@ -4,8 +4,15 @@ Weights are counted tensor by tensor with the same part names as :func:`quant.me
 bitsandbytes' quantization state (nf4/fp4: 4 bits per weight + an fp32 absmax per 64 weights = 4.5 bits; with double
 quantization the absmax is 8-bit plus an fp32 scale per 256 blocks ≈ 4.13 bits; int8: 8 bits + an fp32 scale per
 output row). On top come the KV cache, the activation peak of the vision encoder and of the prompt prefill (SDPA
-kernels, so no materialized attention matrix; bitsandbytes 4-bit dequantizes one weight at a time during prefill)
-and the CUDA context.
+kernels, so no materialized attention matrix; a bitsandbytes 4-bit layer fed many rows may dequantize its weight into
+a temporary) and the CUDA context.
+
+Low-VRAM placement (:mod:`quant.offload`) is predicted to the byte too: with ``offload=("vision",)`` the vision tower's
+units (patch embedding, each ViT layer, the 2×2 conv, each GLU Linear) are packed into host memory — every tensor on a
+256-byte boundary — and streamed through ``stream_slots`` device buffers of the largest unit's size; with
+``"embeddings"`` the input table stays on the host. The estimate then splits the weights into what the GPU holds
+(``resident_weights_bytes`` + ``streaming_buffer_bytes``) and what the host holds (``host_bytes``), and says what one
+image costs on the PCIe bus and, roughly, in vision compute.
 """
 
 from __future__ import annotations
@@ -19,11 +26,27 @@ from . import PRECISIONS
 
 FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+QUANTIZED = ("int8", "nf4", "fp4")
 BLOCKSIZE_4BIT = 64
 BLOCKSIZE_NESTED = 256
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace seen beside torch's allocator (NVML − torch)
+# bitsandbytes' 4-bit matmul runs its fused kernel up to this many rows; past it, it may dequantize the whole weight
+# into a temporary in the compute dtype and call F.linear (bitsandbytes.backends.cuda.ops, _GEMM_4BIT_CUSTOM_FLOOR_M).
+BNB_4BIT_FUSED_MAX_ROWS = 4
 
-# Decode needs few activations; the preallocated engine buffers are per token and tiny next to these.
+# Streaming (quant.offload): tensors packed on 256-byte boundaries (= quant.offload.ALIGN), two device slots by default.
+HOST_ALIGN = 256
+STREAM_SLOTS = 2
+# Effective pinned host→device copy bandwidth of an x16 link, ESTIMATES (not measured here): PCIe 3.0 x16 is 15.75 GB/s
+# and 4.0 x16 31.5 GB/s on paper; pinned cudaMemcpyAsync typically reaches ~75–80 % of that.
+PCIE_BYTES_PER_S = {"pcie3_x16": 12e9, "pcie4_x16": 24e9}
+PCIE_LABELS = {"pcie3_x16": "PCIe 3.0 x16", "pcie4_x16": "PCIe 4.0 x16"}
+# ASSUMED achieved bf16 matmul throughput of the vision encoder on an 8 GB consumer card (RTX 3070 / 4060 class:
+# ~15–40 dense TFLOP/s peak with fp32 accumulation). An estimate for comparing against the PCIe time, not a measurement.
+ASSUMED_VISION_FLOPS_PER_S = 20e12
+
+# Decode needs few activations (the logits; a 4-bit layer's dequantized weight only past BNB_4BIT_FUSED_MAX_ROWS
+# sequences); the preallocated engine buffers are per token and tiny next to these.
 
 
 @dataclass
@@ -119,6 +142,68 @@ def quantized_linear_bytes(precision: str, in_f: int, out_f: int, double_quant: 
     return packed, state
 
 
+def linear_tensor_bytes(
+    precision: str | None, lin: LinearSpec, float_bytes: int, act_bytes: int, double_quant: bool
+) -> tuple[list[int], list[int]]:
+    """Bytes of each tensor of one Linear as loaded: (parameters [weight, bias], quantization-state tensors).
+    ``precision`` None or a float name = a float layer of ``float_bytes``; a bitsandbytes layer keeps its bias in the
+    compute dtype (``act_bytes``)."""
+    n, out = lin.in_features * lin.out_features, lin.out_features
+    if precision not in QUANTIZED:
+        return [n * float_bytes] + ([out * float_bytes] if lin.bias else []), []
+    params = [quantized_linear_bytes(precision, lin.in_features, out, double_quant)[0]]
+    params += [out * act_bytes] if lin.bias else []
+    if precision == "int8":
+        return params, [4 * out]  # SCB: an fp32 scale per row
+    blocks = math.ceil(n / BLOCKSIZE_4BIT)
+    if not double_quant:
+        return params, [blocks * 4, 16 * 4]  # fp32 absmax, the 16-entry fp32 codebook
+    nested = math.ceil(blocks / BLOCKSIZE_NESTED)
+    # uint8 absmax, codebook, fp32 offset, then the nested state: fp32 absmax per 256 blocks, 256-entry fp32 code
+    return params, [blocks, 16 * 4, 4, nested * 4, 256 * 4]
+
+
+def _align(n: int) -> int:
+    return -(-n // HOST_ALIGN) * HOST_ALIGN
+
+
+def vision_units(
+    config: ChatGLMConfig, vision_precision: str, vision_float: int, act_bytes: int, double_quant: bool
+) -> dict[str, list[int]]:
+    """{unit: bytes of each tensor} of the streamed vision tower, in :class:`quant.offload.VisionStreamer`'s units
+    (patch embedding, the ViT layers, the 2×2 conv, the four GLU Linears); ``boi``, ``eoi`` and the GLU's LayerNorm
+    are not in any unit (they stay resident)."""
+    c, v = config, config.vision
+    d, h, p = v.hidden_size, c.hidden_size, v.patch_size
+    fb = vision_float
+    units = {"patch_embedding": [d * fb, d * v.in_channels * p * p * fb, d * fb, v.num_positions * d * fb]}
+    for j in range(v.num_hidden_layers):
+        units[f"transformer.layers.{j}"] = [d * fb] * 4  # the two LayerNorms' weights and biases
+    units["conv"] = [h * d * 4 * fb, h * fb]
+    for lin in linear_layers(c):
+        if lin.side == "vision":
+            rest = lin.name.removeprefix("transformer.vision.")
+            unit = ".".join(rest.split(".")[:3]) if rest.startswith("transformer.layers.") else rest
+            params, state = linear_tensor_bytes(vision_precision, lin, fb, act_bytes, double_quant)
+            units.setdefault(unit, []).extend(params + state)
+    return units
+
+
+def vision_flops(config: ChatGLMConfig, vision_size: int | None = None) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image through the vision tower and the GLU projector: the patch conv,
+    per ViT layer the four Linears and the two attention products (QKᵀ and AV), the 2×2 conv, the GLU. Norms, GELU and
+    softmax are left out (a few %)."""
+    c, v = config, config.vision
+    d, i, h, f = v.hidden_size, v.intermediate_size, c.hidden_size, c.ffn_hidden_size
+    g = (vision_size or v.image_size) // v.patch_size
+    tokens, merged = g * g + 1, (g // 2) ** 2
+    patch = 2 * g * g * v.in_channels * v.patch_size**2 * d
+    layer = 2 * tokens * (4 * d * d + 2 * d * i) + 4 * tokens * tokens * d
+    conv = 2 * merged * 4 * d * h
+    glu = 2 * merged * (h * h + 3 * h * f)
+    return patch + v.num_hidden_layers * layer + conv + glu
+
+
 @dataclass
 class Estimate:
     precision: str
@@ -136,10 +221,35 @@ class Estimate:
     cuda_context_bytes: int
     gpu_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    lm_head_precision: str | None = None  # None = 16-bit (the compute dtype)
+    offload: tuple[str, ...] = ()
+    stream_slots: int = STREAM_SLOTS
+    # Where the weights live: on the GPU (resident + the streaming slots) or in host (pinned) memory.
+    resident_weights_bytes: int = 0
+    streaming_buffer_bytes: int = 0
+    host: dict[str, int] = field(default_factory=dict)  # {"vision": packed units, "embeddings": the input table}
+    vision_flops_per_image: int = 0
+    inputs: dict = field(default_factory=dict, repr=False, compare=False)  # the arguments of estimate()
+
+    def variant(self, **changes) -> Estimate:
+        """The estimate of the same configuration with some of :func:`estimate`'s arguments changed."""
+        est = estimate(**{**self.inputs, **changes})
+        est.gpu_bytes = self.gpu_bytes if "gpu_gb" not in changes else est.gpu_bytes
+        return est
 
     @property
     def weights_bytes(self) -> int:
+        """Every weight, wherever it lives."""
         return self.weights["total"]
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def gpu_weights_bytes(self) -> int:
+        """What the weights take on the GPU: the resident ones and the streaming slots."""
+        return self.resident_weights_bytes + self.streaming_buffer_bytes
 
     @property
     def activation_peak_bytes(self) -> int:
@@ -147,16 +257,50 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.activation_peak_bytes + self.cuda_context_bytes
+        """What the GPU must hold: resident weights, streaming slots, KV cache, activation peak, CUDA context."""
+        return self.gpu_weights_bytes + self.kv_cache_bytes + self.activation_peak_bytes + self.cuda_context_bytes
 
     @property
     def fits(self) -> bool | None:
         return None if self.gpu_bytes is None else self.total_bytes <= self.gpu_bytes
 
+    @property
+    def pcie_bytes_per_image(self) -> int:
+        """Bytes copied host → GPU per image: every streamed vision unit once (0 when the tower is resident)."""
+        return self.host.get("vision", 0)
+
+    @property
+    def transfer_s_per_image(self) -> dict[str, float]:
+        """Seconds of host → GPU copying per image at the assumed effective bandwidths (PCIE_BYTES_PER_S)."""
+        return {k: self.pcie_bytes_per_image / bw for k, bw in PCIE_BYTES_PER_S.items()}
+
+    @property
+    def vision_compute_s_per_image(self) -> float:
+        """Rough vision compute time per image at ASSUMED_VISION_FLOPS_PER_S (an estimate, not a measurement)."""
+        return self.vision_flops_per_image / ASSUMED_VISION_FLOPS_PER_S
+
+    def placement(self) -> dict[str, int]:
+        """The split :func:`quant.offload.placement_bytes` reports for the loaded model."""
+        return {
+            "resident": self.resident_weights_bytes,
+            "host": self.host_bytes,
+            "streaming_buffer": self.streaming_buffer_bytes,
+        }
+
+    def flags(self) -> str:
+        """The command-line flags that load this configuration."""
+        return config_flags(self.precision, self.vision_precision, self.offload, self.lm_head_precision)
+
+    def label(self) -> str:
+        return config_label(self.precision, self.vision_precision, self.offload, self.lm_head_precision)
+
     def to_dict(self) -> dict:
         d = {
             "precision": self.precision,
             "vision_precision": self.vision_precision,
+            "lm_head_precision": self.lm_head_precision,
+            "offload": list(self.offload),
+            "flags": self.flags(),
             "dtype": self.dtype,
             "vision_size": self.vision_size,
             "image_tokens": self.image_tokens,
@@ -164,18 +308,54 @@ class Estimate:
             "batch": self.batch,
             "device": self.device,
             "weights_bytes": self.weights_bytes,
+            "resident_weights_bytes": self.resident_weights_bytes,
+            "streaming_buffer_bytes": self.streaming_buffer_bytes,
+            "stream_slots": self.stream_slots if "vision" in self.offload else 0,
+            "host_bytes": self.host_bytes,
             "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token,
             "kv_cache_bytes": self.kv_cache_bytes,
             "activation_peak_bytes": self.activation_peak_bytes,
             "cuda_context_bytes": self.cuda_context_bytes,
             "total_bytes": self.total_bytes,
-            "breakdown": {"weights": dict(self.weights), "activation": dict(self.activation)},
+            "pcie_bytes_per_image": self.pcie_bytes_per_image,
+            "transfer_s_per_image": self.transfer_s_per_image,
+            "assumed_pcie_bytes_per_s": dict(PCIE_BYTES_PER_S),
+            "vision_flops_per_image": self.vision_flops_per_image,
+            "vision_compute_s_per_image": self.vision_compute_s_per_image,
+            "assumed_vision_flops_per_s": ASSUMED_VISION_FLOPS_PER_S,
+            "breakdown": {"weights": dict(self.weights), "activation": dict(self.activation), "host": dict(self.host)},
             "notes": list(self.notes),
         }
         if self.gpu_bytes is not None:
             d["gpu_bytes"] = self.gpu_bytes
             d["fits"] = self.fits
         return d
+
+
+def config_flags(
+    precision: str, vision_precision: str | None = None, offload=(), lm_head_precision: str | None = None
+) -> str:
+    """``--precision … [--vision-precision …] [--offload …] [--lm-head-precision …]`` for one configuration."""
+    out = [f"--precision {precision}"]
+    if vision_precision is not None and vision_precision != precision:
+        out.append(f"--vision-precision {vision_precision}")
+    if offload:
+        out.append(f"--offload {','.join(offload)}")
+    if lm_head_precision is not None:
+        out.append(f"--lm-head-precision {lm_head_precision}")
+    return " ".join(out)
+
+
+def config_label(
+    precision: str, vision_precision: str | None = None, offload=(), lm_head_precision: str | None = None
+) -> str:
+    """A short name: ``nf4+vision-bf16+head-nf4+offload:vision,embeddings``."""
+    label = precision
+    if vision_precision is not None and vision_precision != precision:
+        label += f"+vision-{vision_precision}"
+    if lm_head_precision is not None:
+        label += f"+head-{lm_head_precision}"
+    return label + (f"+offload:{','.join(offload)}" if offload else "")
 
 
 def _dtype_name(precision: str, vision_precision: str, compute_dtype: str | None) -> str:
@@ -200,23 +380,42 @@ def estimate(
     quantize_lm_head: bool = False,
     device: str = "cuda",
     prompt_tokens: int | None = None,
+    lm_head_precision: str | None = None,
+    offload: tuple[str, ...] | str | None = (),
+    stream_slots: int = STREAM_SLOTS,
 ) -> Estimate:
     """Predict memory for one configuration. ``config`` defaults to the released GLM-4V-9B.
 
     ``context`` is the KV-cache length per sequence (prompt, image embeddings included, plus output), ``batch``
     the number of sequences sharing the GPU (their KV caches); the activation peaks are for one image and one
     prompt of ``prompt_tokens`` (default: one image + 512 text tokens, capped at ``context``), since the engine
-    prefills one request at a time.
+    prefills one request at a time. ``lm_head_precision`` (None = 16-bit; ``quantize_lm_head`` = the LM's precision,
+    the older spelling) is the LM head's; ``offload`` (``vision``, ``embeddings``) keeps those parts in host memory,
+    the vision tower streamed through ``stream_slots`` device buffers (:mod:`quant.offload`).
     """
+    inputs = dict(locals())  # for Estimate.variant
+    from .offload import parse_offload
+
     c = config or ChatGLMConfig()
     vision_precision = vision_precision or precision
-    for p in (precision, vision_precision):
-        if p not in PRECISIONS:
+    if lm_head_precision is None and quantize_lm_head:
+        lm_head_precision = precision
+    for p in (precision, vision_precision, lm_head_precision):
+        if p is not None and p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; choose one of {', '.join(PRECISIONS)}")
+    offload = parse_offload(offload)
+    if "vision" in offload and vision_precision == "int8":
+        raise ValueError(
+            "--offload vision streams 16-bit and 4-bit vision towers; int8 keeps its statistics in per-layer state "
+            "that cannot be streamed — use --vision-precision bf16 or nf4"
+        )
+    if stream_slots < 1:
+        raise ValueError("vision streaming needs at least one slot")
     dtype = _dtype_name(precision, vision_precision, compute_dtype)
     act_bytes = DTYPE_BYTES[dtype]
     lm_float = FLOAT_BYTES.get(precision, act_bytes)
     vision_float = FLOAT_BYTES.get(vision_precision, act_bytes)
+    head_float = FLOAT_BYTES.get(lm_head_precision, act_bytes)  # None: the compute dtype (PrecisionSpec.head_dtype)
     v = c.vision
     vision_size = vision_size or v.image_size
 
@@ -237,37 +436,57 @@ def estimate(
         if lin.side == "lm":
             p, fb = precision, lm_float
         elif lin.side == "lm_head":
-            p, fb = (precision if quantize_lm_head else None), lm_float
+            p, fb = lm_head_precision, head_float
         else:
             p, fb = vision_precision, vision_float
-        if p in ("int8", "nf4", "fp4"):
-            w, s = quantized_linear_bytes(p, lin.in_features, lin.out_features, double_quant)
-            weights[lin.part] += w + (lin.out_features * act_bytes if lin.bias else 0)
-            weights["quant_state"] += s
-        else:
-            n = lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
-            weights[lin.part] += n * fb
+        params, state = linear_tensor_bytes(p, lin, fb, act_bytes, double_quant)
+        weights[lin.part] += sum(params)
+        weights["quant_state"] += sum(state)
     for part, numel, side in other_tensors(c):
         weights[part] += numel * (lm_float if side == "lm" else vision_float)
     weights["total"] = sum(weights.values())
+
+    # Placement: what leaves the GPU (unpadded, as weight_bytes counts it) and what the host holds (packed).
+    host, offloaded, buffer = {}, 0, 0
+    if "vision" in offload:
+        units = vision_units(c, vision_precision, vision_float, act_bytes, double_quant)
+        packed = {name: sum(_align(n) for n in tensors) for name, tensors in units.items()}
+        host["vision"] = sum(packed.values())
+        offloaded += sum(sum(tensors) for tensors in units.values())
+        buffer = stream_slots * max(packed.values())
+    if "embeddings" in offload:
+        host["embeddings"] = c.padded_vocab_size * c.hidden_size * lm_float
+        offloaded += host["embeddings"]
 
     kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * act_bytes
     img_tokens = v.image_tokens(vision_size)
     prompt = min(prompt_tokens or (img_tokens + 512), context)
 
-    # Vision encoder: residual stream, fused QKV, attention output, MLP hidden before and after GELU.
-    L = (vision_size // v.patch_size) ** 2 + 1
-    # One image and one prompt at a time: the engine prefills requests one by one, so only the KV cache scales with
-    # ``batch``, not these peaks.
-    vis = L * (v.hidden_size * 5 + 2 * v.intermediate_size) * vision_float
-    # Prefill: residual, QKV, attention output, fused gate/up, SwiGLU product, MLP output (one layer at a time).
+    # One image and one prompt at a time: the engine prefills requests one by one, so only the KV cache (and the
+    # decode step's logits) scale with ``batch``, not these peaks.
+    # Vision encoder: residual stream, fused QKV, attention output, MLP hidden before and after GELU, over the patches;
+    # then the GLU projector over the 2×2-merged tokens (input, projection, normed, gate, up, product, output). A 4-bit
+    # vision tower dequantizes one of its weights at a time (the largest: fc1/fc2 in the ViT, h→4h in the GLU).
+    g = vision_size // v.patch_size
+    patches, merged = g * g + 1, (g // 2) ** 2
+    vision_deq = vision_precision in ("nf4", "fp4")
+    vit = patches * (v.hidden_size * 5 + 2 * v.intermediate_size) * vision_float
+    vit += v.hidden_size * v.intermediate_size * act_bytes if vision_deq else 0
+    glu = merged * (3 * c.hidden_size + 3 * c.ffn_hidden_size) * act_bytes
+    glu += c.hidden_size * c.ffn_hidden_size * act_bytes if vision_deq else 0
+    # Prefill: residual, QKV, attention output, fused gate/up, SwiGLU product, MLP output (one layer at a time), and
+    # a 4-bit LM's dequantized weight (the largest, the fused gate/up); only the last position reaches the LM head.
     qkv = c.num_attention_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-    pre = prompt * (3 * c.hidden_size + qkv + 3 * c.ffn_hidden_size) * act_bytes
+    lm_deq = c.hidden_size * 2 * c.ffn_hidden_size * act_bytes if precision in ("nf4", "fp4") else 0
+    pre = prompt * (3 * c.hidden_size + qkv + 3 * c.ffn_hidden_size) * act_bytes + lm_deq
     pre += c.padded_vocab_size * 4  # the last position's logits, fp32 for sampling
-    dequant = 0
-    if "nf4" in (precision, vision_precision) or "fp4" in (precision, vision_precision):
-        dequant = c.hidden_size * 2 * c.ffn_hidden_size * act_bytes  # bnb dequantizes one weight for prefill
-    activation = {"vision_encoder": vis + dequant, "prefill": pre + dequant}
+    # Decode: ``batch`` rows per step: the logits, and past BNB_4BIT_FUSED_MAX_ROWS rows a 4-bit layer's weight
+    # dequantized (the LM head's, 151552×4096, when the head is 4-bit).
+    dec = batch * c.padded_vocab_size * 4
+    if batch > BNB_4BIT_FUSED_MAX_ROWS:
+        head_deq = c.padded_vocab_size * c.hidden_size * act_bytes if lm_head_precision in ("nf4", "fp4") else 0
+        dec += max(lm_deq, head_deq)
+    activation = {"vision_encoder": max(vit, glu), "prefill": pre, "decode": dec}
 
     est = Estimate(
         precision=precision,
@@ -284,18 +503,109 @@ def estimate(
         activation=activation,
         cuda_context_bytes=CUDA_CONTEXT_BYTES if device.startswith("cuda") else 0,
         gpu_bytes=int(gpu_gb * 2**30) if gpu_gb is not None else None,  # a "12 GB" card has 12 GiB
+        lm_head_precision=lm_head_precision,
+        offload=offload,
+        stream_slots=stream_slots,
+        resident_weights_bytes=weights["total"] - offloaded,
+        streaming_buffer_bytes=buffer,
+        host=host,
+        vision_flops_per_image=vision_flops(c, vision_size),
+        inputs=inputs,
     )
     return est
 
 
-def best_fitting(candidates: list[tuple[str, str | None]], gpu_bytes: int, **kw) -> tuple[str, str, Estimate] | None:
-    """The first (precision, vision_precision) in ``candidates`` whose estimate fits ``gpu_bytes``."""
-    for p, vp in candidates:
-        est = estimate(precision=p, vision_precision=vp, **kw)
+@dataclass(frozen=True)
+class Rung:
+    """One configuration of a fallback ladder (``--precision auto``, ``estimate --gpu-gb``)."""
+
+    precision: str
+    vision_precision: str | None = None  # None = same as precision
+    offload: tuple[str, ...] = ()
+    lm_head_precision: str | None = None  # None = 16-bit
+
+    def flags(self) -> str:
+        return config_flags(self.precision, self.vision_precision, self.offload, self.lm_head_precision)
+
+    def label(self) -> str:
+        return config_label(self.precision, self.vision_precision, self.offload, self.lm_head_precision)
+
+    def estimate(self, **kw) -> Estimate:
+        return estimate(
+            precision=self.precision,
+            vision_precision=self.vision_precision,
+            offload=self.offload,
+            lm_head_precision=self.lm_head_precision,
+            **kw,
+        )
+
+
+LOW_VRAM_OFFLOAD = ("vision", "embeddings")
+
+
+def low_vram_rungs(vision_float: str = "bf16") -> list[Rung]:
+    """The rungs below "everything resident in nf4": the vision tower streamed from host memory at full precision
+    (``vision_float``) with the embedding table on the host; then also a 4-bit LM head; then the streamed tower in
+    nf4 too (a third of the host memory and of the PCIe traffic)."""
+    return [
+        Rung("nf4", vision_float, LOW_VRAM_OFFLOAD),
+        Rung("nf4", vision_float, LOW_VRAM_OFFLOAD, "nf4"),
+        Rung("nf4", "nf4", LOW_VRAM_OFFLOAD),
+        Rung("nf4", "nf4", LOW_VRAM_OFFLOAD, "nf4"),
+    ]
+
+
+def best_fitting(candidates: list, gpu_bytes: int, **kw) -> tuple[str, str, Estimate] | None:
+    """The first candidate — a :class:`Rung` or a ``(precision, vision_precision)`` pair — whose estimate fits
+    ``gpu_bytes``: (precision, vision_precision, estimate); the estimate carries the offload and head as well."""
+    for cand in candidates:
+        rung = cand if isinstance(cand, Rung) else Rung(*cand)
+        est = rung.estimate(**kw)
         est.gpu_bytes = gpu_bytes
         if est.fits:
-            return p, vp or p, est
+            return est.precision, est.vision_precision, est
     return None
+
+
+# Host RAM is part of the budget: the offloaded parts live in pinned (unswappable) host memory, and the process itself
+# (Python, torch, the CUDA runtime, tokenizer, server) needs room beside them. An assumption, stated.
+HOST_MARGIN_BYTES = 2 * 2**30
+
+
+def check_host_memory(request_or_estimate, available_bytes: int | None = None, margin_bytes: int = HOST_MARGIN_BYTES):
+    """Refuse, before loading, a placement whose host part does not fit the host: ``host_bytes + margin_bytes`` must
+    not exceed ``available_bytes`` (default: ``psutil.virtual_memory().available``). Takes an :class:`Estimate` or a
+    resolved :class:`quant.request.LoadRequest`; returns the estimate. The ValueError names the numbers and what to
+    change."""
+    est = request_or_estimate if isinstance(request_or_estimate, Estimate) else request_or_estimate.estimate()
+    if not est.host_bytes:
+        return est
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    need = est.host_bytes + margin_bytes
+    if need <= available_bytes:
+        return est
+    parts = " + ".join(f"{k} {n / 1e9:.2f} GB" for k, n in est.host.items())
+    fixes = []
+    if "vision" in est.offload and est.vision_precision not in ("nf4", "fp4"):
+        nf4 = est.variant(vision_precision="nf4")
+        fixes.append(
+            f"--vision-precision nf4 (the streamed tower then takes {nf4.host['vision'] / 1e9:.2f} GB of host memory "
+            f"instead of {est.host['vision'] / 1e9:.2f} GB)"
+        )
+    for part in est.offload:
+        kept = est.variant(offload=tuple(p for p in est.offload if p != part))
+        fixes.append(
+            f"drop {part} from --offload ({est.host[part] / 1e9:.2f} GB less on the host, "
+            f"{(kept.total_bytes - est.total_bytes) / 1e9:.2f} GB more on the GPU)"
+        )
+    raise ValueError(
+        f"--offload {','.join(est.offload)} keeps {est.host_bytes / 1e9:.2f} GB in host (pinned) memory ({parts}), "
+        f"plus a {margin_bytes / 1e9:.2f} GB margin for the process = {need / 1e9:.2f} GB, but only "
+        f"{available_bytes / 1e9:.2f} GB of host RAM is available. Use " + "; or ".join(fixes) + "; or free host memory"
+    )
 
 
 def max_context_that_fits(
@@ -308,6 +618,7 @@ def max_context_that_fits(
     prefill_tokens: int = 512,
     compute_dtype: str | None = None,
     headroom_bytes: int = 512 * 2**20,
+    lm_head_precision: str | None = None,
 ) -> int:
     """The longest context (tokens per sequence) whose KV cache for ``batch`` sequences fits ``free_bytes`` — the
     memory left after the weights are loaded — while keeping room for the activation peak of a ``prefill_tokens``
@@ -321,6 +632,8 @@ def max_context_that_fits(
         context=prefill_tokens,
         prompt_tokens=prefill_tokens,
         compute_dtype=compute_dtype,
+        batch=batch,
+        lm_head_precision=lm_head_precision,
     )
     budget = free_bytes - est.activation_peak_bytes - headroom_bytes
     tokens = budget // (est.kv_cache_bytes_per_token * batch) if budget > 0 else 0

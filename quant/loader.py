@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,9 +28,18 @@ import torch
 from glm4v import ChatGLMForConditionalGeneration, GLM4Tokenizer, ImageProcessor
 from glm4v.checkpoint import CheckpointInfo, inspect_checkpoint
 
-from .bnb import fix_cpu_4bit_layers, layer_types, quantize_linears
+from .bnb import fix_cpu_4bit_layers, layer_types, quantize_linears, quantized_linear
 from .memory import weight_bytes
-from .precision import FLOAT_PRECISIONS, VISION, PrecisionSpec
+from .offload import (
+    OFFLOADED_PREFIXES,
+    check_offload,
+    host_device_map,
+    offload_embeddings,
+    offload_vision,
+    parse_offload,
+    restore_host_modules,
+)
+from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec, precision_name
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +96,7 @@ class LoadedModel:
     load_s: float
     checkpoint: CheckpointInfo
     weight_bytes: dict[str, int] = field(default_factory=dict)
+    offload: tuple[str, ...] = ()  # parts kept in host memory (quant.offload)
     demo: bool = False  # random weights (the demo checkpoint or --synthetic): answers mean nothing
 
     @property
@@ -94,6 +105,36 @@ class LoadedModel:
 
     def image_tokens(self, vision_size: int | None = None) -> int:
         return self.config.vision.image_tokens(vision_size or self.vision_size)
+
+    def placement(self) -> dict:
+        """Where each part lives and at what precision, and the bytes on the device vs in host memory."""
+        from .offload import placement_bytes
+
+        spec, where = self.spec, {True: "host", False: self.device.type}
+        streamer = getattr(self.model.transformer.vision, "streamer", None)
+        parts = {
+            "language_model": {"device": self.device.type, "precision": spec.precision},
+            "embeddings": {"device": where["embeddings" in self.offload], "precision": precision_name(spec.dtype)},
+            "lm_head": {
+                "device": self.device.type,
+                "precision": spec.lm_head_precision or precision_name(spec.head_dtype()),
+            },
+            "vision": {"device": where["vision" in self.offload], "precision": spec.vision_precision},
+        }
+        if streamer is not None:
+            parts["vision"]["streamed"] = {
+                "units": len(streamer.units),
+                "slots": len(streamer.slots),
+                "slot_bytes": streamer.slots[0].numel(),
+            }
+        b = placement_bytes(self.model)
+        return {
+            "parts": list(self.offload),
+            "placement": parts,
+            "resident_bytes": b["resident"],
+            "host_bytes": b["host"],
+            "streaming_buffer_bytes": b["streaming_buffer"],
+        }
 
     def describe(self) -> dict:
         """What was loaded, as plain JSON: precision spec, the layer classes actually present, sizes."""
@@ -105,6 +146,7 @@ class LoadedModel:
         }
         d["vision_size"] = self.vision_size
         d["image_tokens"] = self.image_tokens()
+        d["offload"] = self.placement()
         d["weight_bytes"] = self.weight_bytes.get("total")
         d["num_parameters"] = self.checkpoint.num_parameters
         return d
@@ -129,11 +171,15 @@ def load(
     compute_dtype: str | torch.dtype | None = None,
     double_quant: bool = True,
     quantize_lm_head: bool = False,
+    lm_head_precision: str | None = None,
+    offload: tuple[str, ...] = (),
 ) -> LoadedModel:
     """Load the checkpoint in ``model_dir``; returns model, tokenizer, image processor and precision spec together.
 
     ``vision_size`` (a multiple of 28, up to the trained 1120) runs the vision tower at a smaller resolution with
-    its position table resampled; by default the checkpoint's own ``image_size``.
+    its position table resampled; by default the checkpoint's own ``image_size``. ``offload`` (``vision``,
+    ``embeddings``) keeps those parts in host memory (:mod:`quant.offload`); they are loaded there directly, never
+    onto the GPU first.
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -147,23 +193,41 @@ def load(
         compute_dtype=compute_dtype,
         double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
+        lm_head_precision=lm_head_precision,
     )
+    offload = parse_offload(offload)
+    check_offload(spec, offload)
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
     quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)
     with _return_freed_host_memory() if quantizing_on_host else contextlib.nullcontext():
+        on_host = [part for part, prefix in OFFLOADED_PREFIXES.items() if part in offload]
+        skip = spec.skipped_modules() + (
+            [VISION] if "vision" in offload and VISION not in spec.skipped_modules() else []
+        )
         model = ChatGLMForConditionalGeneration.from_pretrained(
             str(model_dir),
             dtype=load_dtype,
-            quantization_config=spec.bnb_config(),
-            device_map={"": device},
+            quantization_config=spec.bnb_config(skip=skip, cpu_offload=bool(on_host) and device.type != "cpu"),
+            device_map=host_device_map(device, on_host),
         )
+        if on_host and device.type != "cpu":
+            restore_host_modules(model, model_dir, [OFFLOADED_PREFIXES[p] for p in on_host])
         vision = model.transformer.vision
-        if spec.vision_precision != spec.precision:
+        if "vision" in offload:
+            if spec.vision_dtype() != load_dtype and not spec.vision_quantized:
+                vision.to(spec.vision_dtype())
+            # Quantized (when asked) on the compute device one unit at a time, then packed into host memory.
+            prepare = partial(quantize_unit, precision=spec.vision_precision, spec=spec, device=device)
+            offload_vision(model, device, prepare=prepare if spec.vision_quantized else None)
+        elif spec.vision_precision != spec.precision:
             if spec.vision_quantized:
                 quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
             elif spec.vision_dtype() != load_dtype:
                 vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
+        apply_head_precision(model, spec, device, load_dtype)
+        if "embeddings" in offload:
+            offload_embeddings(model, device)
     finish_model(model, device, vision_size)
     loaded = LoadedModel(
         model=model,
@@ -175,6 +239,7 @@ def load(
         vision_size=vision_size,
         load_s=time.perf_counter() - t0,
         checkpoint=info,
+        offload=offload,
     )
     loaded.weight_bytes = weight_bytes(model)
     log.info(
@@ -186,6 +251,26 @@ def load(
         loaded.weight_bytes["total"] / 2**30,
     )
     return loaded
+
+
+def quantize_unit(root, name: str, precision: str, spec: PrecisionSpec, device: torch.device) -> None:
+    """Quantize the Linear layers of ``root.<name>`` in place (``name`` may itself be a Linear)."""
+    module = root.get_submodule(name)
+    if type(module) is torch.nn.Linear:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent), child, quantized_linear(module, precision, spec, device))
+    else:
+        quantize_linears(module, precision, spec, device, prefix=name)
+
+
+def apply_head_precision(model, spec: PrecisionSpec, device: torch.device, load_dtype: torch.dtype) -> None:
+    """``--lm-head-precision``: a bitsandbytes method other than the LM's is applied after loading (the head was
+    loaded in 16-bit); a float one is a cast. Quantized with the LM's own method, it was done while loading."""
+    head = model.transformer.output_layer
+    if spec.head_quantized and LM_HEAD in spec.skipped_modules():
+        model.transformer.output_layer = quantized_linear(head, spec.lm_head_precision, spec, device)
+    elif not spec.head_quantized and head.weight.dtype != spec.head_dtype():
+        head.to(spec.head_dtype())
 
 
 def finish_model(model: ChatGLMForConditionalGeneration, device: torch.device, vision_size: int) -> None:

@@ -72,7 +72,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         if t.device.type == "meta":
             parts[part] += _nbytes(t)
             return
-        key = (t.untyped_storage().data_ptr(), _nbytes(t))
+        key = (t.data_ptr(), _nbytes(t))  # views into one packed host buffer (quant.offload) are distinct
         if key in seen:
             return
         seen.add(key)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+from .offload import parse_offload
+
 log = logging.getLogger(__name__)
 
 DEMO_WARNING = (
@@ -38,6 +40,10 @@ class LoadRequest:
     double_quant: bool = True
     vision_size: int | None = None  # None = the checkpoint's
     device: str | None = None  # None = cuda when available
+    lm_head_precision: str | None = None  # None = 16-bit (the compute dtype)
+    # Parts kept in host memory: "vision" (streamed), "embeddings" (quant.offload); None = not given (all on the
+    # device, unless --precision auto chooses the low-VRAM placement), () = explicitly none.
+    offload: tuple[str, ...] | None = None
     # What `auto` sizes the KV cache for: None = min(seq_length, AUTO_CONTEXT) tokens per sequence.
     context: int | None = None
     batch: int = 1
@@ -56,6 +62,8 @@ class LoadRequest:
             double_quant=not getattr(args, "no_double_quant", False),
             vision_size=getattr(args, "vision_size", None),
             device=getattr(args, "device", None),
+            lm_head_precision=getattr(args, "lm_head_precision", None),
+            offload=None if getattr(args, "offload", None) is None else parse_offload(args.offload),
         )
         values.update(overrides)
         return cls(**values)
@@ -89,21 +97,45 @@ class LoadRequest:
         return str(ensure_demo_checkpoint())
 
     def resolve(self, config=None) -> LoadRequest:
-        """The same request with the device made concrete and ``auto`` decided (logged with its reason)."""
+        """The same request with the device made concrete and ``auto`` decided (logged with its reason), and the host
+        checked for room for the offloaded parts before anything is loaded.
+
+        On a GPU, ``auto`` may also choose the low-VRAM placement (:mod:`quant.auto`): ``vision_precision``,
+        ``offload`` and ``lm_head_precision`` — but only where the request left them at their defaults (None, none,
+        None); what was given explicitly is kept, and ``auto`` picks the precision around it."""
         from .loader import resolve_device
 
         device = resolve_device(self.device)
         request = replace(self, device=str(device))
         if self.precision == "auto":
-            from .auto import choose_precision
+            from .auto import choose_auto
 
             config = config or self.config()
             context = self.context or min(config.seq_length, AUTO_CONTEXT)
-            precision, reason = choose_precision(
-                config, device, vision_size=self.vision_size, context=context, batch=self.batch
+            choice = choose_auto(
+                config,
+                device,
+                vision_size=self.vision_size,
+                context=context,
+                batch=self.batch,
+                vision_precision=self.vision_precision,
+                offload=None if self.offload is None else tuple(self.offload),
+                lm_head_precision=self.lm_head_precision,
+                compute_dtype=self.compute_dtype,
+                double_quant=self.double_quant,
             )
-            log.info("--precision auto → %s (%s)", precision, reason)
-            request = replace(request, precision=precision)
+            log.info("--precision auto → %s (%s)", choice.flags(), choice.reason)
+            request = replace(
+                request,
+                precision=choice.precision,
+                vision_precision=self.vision_precision if self.vision_precision else choice.vision_precision,
+                offload=tuple(self.offload) if self.offload is not None else choice.offload,
+                lm_head_precision=self.lm_head_precision if self.lm_head_precision else choice.lm_head_precision,
+            )
+        if request.offload:
+            from .estimate import check_host_memory
+
+            check_host_memory(request.estimate(config))
         return request
 
     def estimate(self, config=None, **kw):
@@ -112,15 +144,20 @@ class LoadRequest:
 
         if self.precision == "auto":
             raise ValueError("resolve --precision auto before estimating")
-        kw.setdefault("context", self.context or min((config or self.config()).seq_length, AUTO_CONTEXT))
+        config = config or self.config()
+        kw.setdefault("context", self.context or min(config.seq_length, AUTO_CONTEXT))
         kw.setdefault("batch", self.batch)
+        if self.device is not None:
+            kw.setdefault("device", str(self.device))
         return estimate(
-            config or self.config(),
+            config,
             precision=self.precision,
             vision_precision=self.vision_precision,
             vision_size=self.vision_size,
             double_quant=self.double_quant,
             compute_dtype=self.compute_dtype,
+            lm_head_precision=self.lm_head_precision,
+            offload=tuple(self.offload or ()),
             **kw,
         )
 
@@ -139,6 +176,8 @@ def open_model(request: LoadRequest):
     config = request.config()
     request = request.resolve(config)
     kw = dict(
+        lm_head_precision=request.lm_head_precision,
+        offload=request.offload or (),
         precision=request.precision,
         vision_precision=request.vision_precision,
         device=request.device,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,8 +29,9 @@ from glm4v.checkpoint import CheckpointInfo, expected_shapes, load_config
 from glm4v.tokenizer import SPECIAL_TOKENS
 
 from .bnb import quantized_linear
-from .loader import LoadedModel, finish_model, resolve_request
+from .loader import LoadedModel, finish_model, quantize_unit, resolve_request
 from .memory import weight_bytes
+from .offload import OFFLOADED_PREFIXES, check_offload, offload_embeddings, offload_vision, parse_offload
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def _linear_precision(name: str, spec: PrecisionSpec) -> str | None:
     if name.startswith(VISION):
         p = spec.vision_precision
     elif name.startswith(LM_HEAD):
-        p = spec.precision if spec.quantize_lm_head else None
+        p = spec.lm_head_precision
     else:
         p = spec.precision
     return p if p is not None and PrecisionSpec.is_quantized_name(p) else None
@@ -109,8 +111,12 @@ def build(
     quantize_lm_head: bool = False,
     seed: int = 0,
     name: str | None = None,
+    lm_head_precision: str | None = None,
+    offload: tuple[str, ...] = (),
 ) -> LoadedModel:
-    """Random-weight GLM-4V at ``precision`` on ``device``; same arguments and result type as :func:`quant.load`."""
+    """Random-weight GLM-4V at ``precision`` on ``device``; same arguments and result type as :func:`quant.load`.
+    Offloaded parts are built in host memory directly (the vision tower's units quantized on the device one at a
+    time, as the loader does)."""
     t0 = time.perf_counter()
     name = name or (config if isinstance(config, str) else "config")
     if isinstance(config, str):
@@ -124,7 +130,11 @@ def build(
         compute_dtype=compute_dtype,
         double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
+        lm_head_precision=lm_head_precision,
     )
+    offload = parse_offload(offload)
+    check_offload(spec, offload)
+    host_prefixes = tuple(OFFLOADED_PREFIXES[p] for p in offload)
 
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(config)  # shapes only: no memory, no init cost
@@ -142,9 +152,16 @@ def build(
     for mname in names:
         module = model.get_submodule(mname)
         dtype = vision_dtype if mname.startswith(VISION) else lm_dtype
+        on_host = mname.startswith(host_prefixes) if host_prefixes else False
         qprec = _linear_precision(mname, spec) if type(module) is nn.Linear else None
+        if on_host and mname.startswith(VISION):
+            qprec = None  # quantized unit by unit when it is packed for streaming
+            if spec.vision_quantized and type(module) is nn.Linear:
+                dtype = spec.dtype
+        if mname.startswith(LM_HEAD) and qprec is None:
+            dtype = spec.head_dtype()
         if qprec is None:
-            _materialize(module, device, dtype)
+            _materialize(module, torch.device("cpu") if on_host else device, dtype)
             _fill_random(model, module)
             continue
         # Float weights in the compute dtype, quantized at once; only this one layer exists in float.
@@ -161,6 +178,11 @@ def build(
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"synthetic build left tensors unmaterialized: {', '.join(left[:5])}")
+    if "vision" in offload:
+        prepare = partial(quantize_unit, precision=spec.vision_precision, spec=spec, device=device)
+        offload_vision(model, device, prepare=prepare if spec.vision_quantized else None)
+    if "embeddings" in offload:
+        offload_embeddings(model, device)
     finish_model(model, device, vision_size)
 
     path = Path(f"synthetic/{name}")
@@ -175,6 +197,7 @@ def build(
         load_s=time.perf_counter() - t0,
         checkpoint=CheckpointInfo(path, config, [], expected_shapes(config), {}),
         demo=True,
+        offload=offload,
     )
     loaded.weight_bytes = weight_bytes(model)
     log.info(

@@ -250,6 +250,7 @@ class ModelCard(BaseModel):
     max_batch_size: int
     max_queue: int
     compile: dict[str, Any] | None  # null without --compile
+    offload: dict[str, Any]  # --offload: where each part lives (device/host, precision), resident vs host bytes
     notes: list[str]
     demo: bool
 

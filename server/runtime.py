@@ -187,6 +187,7 @@ class Runtime:
             max_batch_size=eng.max_batch_size,
             max_queue=eng.max_queue,
             compile=eng.compile_status() or self._compile_ignored(),
+            offload=d["offload"],
             notes=d["notes"],
             demo=self.demo,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 MIB = 1 << 20
 MULTI_IMAGE_POLICIES = ("reject", "first")
 COMPILE_CHOICES = ("off", "reduce-overhead", "cudagraphs", "default")
+OFFLOAD_CHOICES = ("vision", "embeddings", "none")  # quant.offload.OFFLOAD_PARTS + none (no torch import here)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -27,6 +28,8 @@ class ServerSettings:
     double_quant: bool = True
     vision_size: int | None = None
     device: str | None = None
+    offload: str | None = None  # "vision", "embeddings", both comma-separated, "none"; None = not given (auto may)
+    lm_head_precision: str | None = None
     # --- network ---
     host: str = "127.0.0.1"
     port: int = 8000
@@ -61,6 +64,9 @@ class ServerSettings:
     allowed_local_media_path: str | None = None
 
     def __post_init__(self) -> None:
+        bad = [p for p in (self.offload or "").replace(" ", "").split(",") if p and p not in OFFLOAD_CHOICES]
+        if bad:
+            raise ValueError(f"--offload takes vision, embeddings (comma-separated) or none, not {bad[0]!r}")
         if self.api_key is not None:
             if not self.api_key.strip():
                 raise ValueError(
@@ -96,6 +102,7 @@ class ServerSettings:
         """What to load: the model flags, with the context and batch ``--precision auto`` must leave room for
         (without --max-model-len the context is sized to the memory left after loading, so auto decides for a
         modest 2048 tokens per sequence)."""
+        from quant.offload import parse_offload
         from quant.request import LoadRequest
 
         return LoadRequest(
@@ -109,6 +116,8 @@ class ServerSettings:
             device=self.device,
             context=self.max_model_len,
             batch=self.max_batch_size,
+            lm_head_precision=self.lm_head_precision,
+            offload=None if self.offload is None else parse_offload(self.offload),
         )
 
     def engine_config(self):

@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli_args import comma_list
+from ..cli_args import add_low_vram, comma_list
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--precision", default="bf16", help="precision to load (default bf16)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_low_vram(p)
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--context", type=int, default=1024, help="cache entries already filled per row (default 1024)")
     p.add_argument(

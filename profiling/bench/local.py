@@ -144,6 +144,8 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
         *source,
         "--precision",
         args.precision,
+        *(["--offload", args.offload] if args.offload else []),
+        *(["--lm-head-precision", args.lm_head_precision] if args.lm_head_precision else []),
         "--port",
         str(port),
         "--max-batch-size",

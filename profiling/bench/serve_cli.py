@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cli_args import comma_list
+from ..cli_args import add_low_vram, comma_list
 from .http_load import benchmark_http
 from .results import markdown
 
@@ -53,6 +53,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--precision", default="bf16", help="(without --base-url) precision to load (default bf16)")
     p.add_argument("--device", help="(without --base-url) cpu or cuda")
+    add_low_vram(p, "(without --base-url) ")
     p.add_argument("--max-batch-size", type=int, default=8, help="(without --base-url) engine batch size")
     p.add_argument(
         "--prefill-chunk",

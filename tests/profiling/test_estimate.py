@@ -148,3 +148,61 @@ def test_gpu_gb_reports_the_context_serve_would_pick(capsys):
     assert 0 < d["serve_max_model_len"] < 8192 and d["serve_max_model_len"] % 256 == 0
     assert main(["estimate", "--precision", "nf4", "--gpu-gb", "24", "--batch", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["serve_max_model_len"] == 8192
+
+
+# ---- low VRAM: --offload, --lm-head-precision ------------------------------------------------------------------
+EIGHT_GB = ["--precision", "nf4", "--vision-precision", "bf16", "--offload", "vision,embeddings"]
+SIX_GB = ["--precision", "nf4", "--vision-precision", "nf4", "--offload", "vision,embeddings"]
+SIX_GB += ["--lm-head-precision", "nf4"]
+
+
+def test_offload_json_splits_gpu_and_host(capsys):
+    assert main(["estimate", *EIGHT_GB, "--context", "2048", "--gpu-gb", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["fits"] is True and d["total_bytes"] <= 7.3e9  # the 8 GB tier
+    assert d["offload"] == ["vision", "embeddings"] and d["lm_head_precision"] is None
+    assert d["flags"] == "--precision nf4 --vision-precision bf16 --offload vision,embeddings"
+    gpu = d["resident_weights_bytes"] + d["streaming_buffer_bytes"]
+    assert d["total_bytes"] == gpu + d["kv_cache_bytes"] + d["activation_peak_bytes"] + d["cuda_context_bytes"]
+    assert d["resident_weights_bytes"] + d["host_bytes"] == d["weights_bytes"]  # bf16: every tensor 256-byte aligned
+    assert d["breakdown"]["host"]["embeddings"] == 151552 * 4096 * 2
+    assert d["pcie_bytes_per_image"] == d["breakdown"]["host"]["vision"]
+    assert set(d["transfer_s_per_image"]) == {"pcie3_x16", "pcie4_x16"}
+    assert d["transfer_s_per_image"]["pcie3_x16"] == pytest.approx(d["pcie_bytes_per_image"] / 12e9)
+    assert d["vision_flops_per_image"] > 70e12 and d["vision_compute_s_per_image"] > 0
+    assert main(["estimate", *SIX_GB, "--context", "2048", "--gpu-gb", "6", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["fits"] is True and d["total_bytes"] <= 6.0e9  # the 6 GB tier
+
+
+def test_offload_text_says_where_and_with_which_flags(capsys):
+    assert main(["estimate", *EIGHT_GB, "--gpu-gb", "8"]) == 0
+    text = capsys.readouterr().out
+    for s in ("GPU: resident", "GPU: streaming buffer", "host: vision", "host: embeddings", "TOTAL on the GPU"):
+        assert s in text
+    assert "on PCIe 3.0 x16 (12 GB/s)" in text and "on PCIe 4.0 x16 (24 GB/s)" in text and "vision compute ≈" in text
+    assert "fits 8 GiB: yes" in text
+    assert "with: --precision nf4 --vision-precision bf16 --offload vision,embeddings" in text
+
+
+def test_when_it_does_not_fit_the_ladder_names_the_flags(capsys):
+    assert main(["estimate", "--precision", "nf4", "--gpu-gb", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "fits 8 GiB: NO" in text
+    assert (
+        "the first configuration that fits: --precision nf4 --vision-precision bf16 --offload vision,embeddings" in text
+    )
+    assert main(["estimate", "--precision", "nf4", "--gpu-gb", "6"]) == 0
+    flags = "--precision nf4 --vision-precision bf16 --offload vision,embeddings --lm-head-precision nf4"
+    assert f"best that fits 6 GiB: {flags}" in capsys.readouterr().out
+    # with little host RAM the streamed tower is nf4
+    assert main(["estimate", "--precision", "nf4", "--gpu-gb", "8", "--host-gb", "8", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best_fitting"]
+    assert best["flags"] == "--precision nf4 --offload vision,embeddings" and best["host_bytes"] < 6 * 2**30
+
+
+def test_offload_input_errors_are_named(capsys):
+    assert main(["estimate", "--precision", "int8", "--offload", "vision"]) == 2
+    assert "int8" in capsys.readouterr().err
+    assert main(["estimate", "--offload", "vision,weights"]) == 2
+    assert "--offload takes vision, embeddings" in capsys.readouterr().err

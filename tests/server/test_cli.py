@@ -114,7 +114,7 @@ def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
 
         body = {
             "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": 900,
+            "max_tokens": 300,
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
@@ -128,7 +128,7 @@ def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
             proc.send_signal(signal.SIGTERM)  # the running stream gets to finish (--shutdown-timeout 20)
             events = [line[6:] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 900
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 300
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

@@ -208,3 +208,27 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
         choose_max_model_len(gpu, compiled.engine_config(), free_bytes=free)
     with pytest.raises(MemoryError, match="lower --max-batch-size"):
         choose_max_model_len(lm, s.engine_config(), free_bytes=activation.activation_peak_bytes)
+
+
+def test_models_report_where_each_part_lives(base_settings, tiny_dir):
+    import quant
+
+    lm = quant.load(tiny_dir, precision="nf4", vision_precision="bf16", device="cpu", offload=("vision", "embeddings"))
+    with serve(base_settings, lm) as s:
+        card = s.client().models.list().data[0].model_dump()
+        off = card["offload"]
+        assert off["parts"] == ["vision", "embeddings"]
+        assert off["placement"]["vision"] == {
+            "device": "host",
+            "precision": "bf16",
+            "streamed": {
+                "units": len(lm.model.transformer.vision.streamer.units),
+                "slots": 2,
+                "slot_bytes": lm.model.transformer.vision.streamer.slots[0].numel(),
+            },
+        }
+        assert off["placement"]["embeddings"]["device"] == "host"
+        assert off["placement"]["language_model"] == {"device": "cpu", "precision": "nf4"}
+        assert off["resident_bytes"] + off["host_bytes"] >= card["weight_bytes"]
+        r = s.post({"messages": [user_with_image(data_url(png_bytes()))], "max_tokens": 3})
+        assert r.status_code == 200, r.text
