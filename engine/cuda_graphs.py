@@ -60,8 +60,9 @@ class DecodeGraphs:
             self._window_tensors[w] = t
         self.warmup_s = 0.0
         self._fns: dict[int, object] = {}
-        # An input table in host memory (--offload embeddings) is read outside the graph; the rows come in as input.
-        self.lookup_outside = model.transformer.embedding.word_embeddings.weight.device != self.device
+        # An input table in host memory (--offload embeddings: not a plain nn.Embedding) is read outside the graph;
+        # the rows come in as an input.
+        self.lookup_outside = not isinstance(model.transformer.embedding.word_embeddings, torch.nn.Embedding)
         if mode is not None:
             # The cache is mutated in place by every replay: tell dynamo its address never changes, so CUDA graphs
             # neither copy it in nor skip the graph for mutating an input (transformers' StaticCache does the same).

@@ -24,7 +24,7 @@ def resident(load_tiny):
 
 
 @pytest.mark.parametrize("offload", [("vision",), ("embeddings",), ("vision", "embeddings")])
-@pytest.mark.parametrize("decode_graphs", [None, "static"])
+@pytest.mark.parametrize("decode_graphs", [None, "static", "aot_eager"])
 def test_mixed_batch_with_chunked_prefill_equals_the_resident_model_alone(tiny_dir, resident, offload, decode_graphs):
     placed = quant.load(tiny_dir, precision="fp32", device="cpu", offload=offload)
     blue = placed.image_processor(Image.new("RGB", (90, 60), "blue"))
