@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from server.settings import COMPILE_CHOICES, MULTI_IMAGE_POLICIES, ServerSettings
+from server.settings import COMPILE_CHOICES, MAX_TOKENS_POLICIES, MULTI_IMAGE_POLICIES, ServerSettings
 
 from .options import add, add_model_arguments
 
@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "--served-model-name",
         default=d.served_model_name,
-        help="model id clients send and /v1/models lists; comma-separated aliases are all accepted",
+        help="model ids clients send and /v1/models lists, comma-separated (the first is the primary one); default: "
+        "glm-4v-9b, glm-4v, the checkpoint's _name_or_path (THUDM/glm-4v-9b) and its folder name",
     )
     add(
         p,
@@ -121,7 +122,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.default_max_tokens,
         type=int,
         help="completion limit when a request sends neither max_tokens nor max_completion_tokens "
-        "(never more than what fits the context)",
+        "(default: the rest of the context)",
+    )
+    add(
+        p,
+        "--max-tokens-policy",
+        default=d.max_tokens_policy,
+        choices=MAX_TOKENS_POLICIES,
+        help="a max_tokens larger than the room left in the context: 'clamp' generates up to the context "
+        "(finish_reason length; header x-glm4v-max-tokens-clamped), 'reject' answers 400 as OpenAI does",
     )
     add(
         p,
@@ -165,7 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--multi-image",
         default=d.multi_image,
         choices=MULTI_IMAGE_POLICIES,
-        help="GLM-4V-9B sees one image per conversation: 'reject' answers 400 to more, 'first' keeps the first",
+        help="GLM-4V-9B sees one image per conversation: 'newest' (chat UIs resend the history: the newest upload is "
+        "the one it sees, older image parts dropped, their text kept), 'first' keeps the first, 'reject' answers 400",
     )
     add(p, "--max-image-bytes", default=d.max_image_bytes, type=int, help="largest encoded image (any source)")
     add(

@@ -59,8 +59,9 @@ class HttpError(RuntimeError):
 class HttpAnswerer:
     """Plain OpenAI ``POST {base_url}/chat/completions`` with the image as a PNG data URL, temperature 0.
 
-    ``base_url`` is what the OpenAI client takes (``http://host:8000/v1``). The model name is ``model`` or the
-    first id ``GET {base_url}/models`` lists; precision fields that server reports there are picked up.
+    ``base_url`` is what the OpenAI client takes (``http://host:8000/v1``; without ``/v1`` it is added). The model
+    name is ``model`` or the first id ``GET {base_url}/models`` lists; precision fields that server reports there are
+    picked up.
     """
 
     def __init__(
@@ -74,7 +75,8 @@ class HttpAnswerer:
     ):
         import httpx
 
-        self.base_url = base_url.rstrip("/")
+        # With or without /v1, as bench-serve: http://host:8000 and http://host:8000/v1 mean the same server.
+        self.base_url = base_url.rstrip("/") if base_url.rstrip("/").endswith("/v1") else base_url.rstrip("/") + "/v1"
         self.max_tokens = max_tokens
         self.suffix = suffix
         key = api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("GLM4V_API_KEY")
@@ -91,8 +93,6 @@ class HttpAnswerer:
             r = self.client.request(method, url, **kw)
         except httpx.HTTPError as e:
             raise HttpError(f"cannot reach {url}: {e}") from None
-        if r.status_code == 404 and not self.base_url.endswith("/v1"):
-            raise HttpError(f"{url} returned 404: pass the OpenAI base URL including /v1, e.g. {self.base_url}/v1")
         if r.status_code >= 400:
             raise HttpError(f"{url} returned HTTP {r.status_code}: {r.text[:300]}")
         try:

@@ -36,7 +36,7 @@ class StatusMetrics:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/chat/"):
+        if scope["type"] != "http" or not scope["path"].startswith(("/v1/chat/", "/chat/")):
             return await self.app(scope, receive, send)
 
         async def counting_send(message):
@@ -49,7 +49,7 @@ class StatusMetrics:
 
 def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = None, hooks=None) -> FastAPI:
     """``hooks`` is passed to the engine (profiling timers; tests use it to slow generation down)."""
-    metrics = Metrics(settings.model_names[0], settings.precision)
+    metrics = Metrics((settings.model_names or ["glm-4v-9b"])[0], settings.precision)
     runtime = Runtime(settings, metrics, loaded, hooks)
 
     @asynccontextmanager
@@ -72,7 +72,8 @@ def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = N
     app.state.runtime = runtime
     app.state.preparation_slots = PreparationSlots(settings.max_preparing, settings.max_queue)
     install_error_handlers(app)
-    app.include_router(routes.v1)
+    app.include_router(routes.v1, prefix="/v1")
+    app.include_router(routes.v1)  # a base URL without /v1 (llama.cpp's server does the same)
     app.include_router(routes.public)
 
     # Added inner to outer: a 413/408 from the body limits is still counted by StatusMetrics; paths are

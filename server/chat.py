@@ -173,7 +173,7 @@ async def complete(p: PreparedChat, rt: Runtime, request: Request, arrived: floa
         choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=reader.outcome)],
         usage=Usage.of(h.prompt_tokens, h.completion_tokens),
     )
-    return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), headers=p.headers)
 
 
 async def stream(p: PreparedChat, rt: Runtime, request: Request, arrived: float) -> Response:
@@ -194,7 +194,7 @@ async def stream(p: PreparedChat, rt: Runtime, request: Request, arrived: float)
     except APIError:
         reader.close()
         raise
-    return sse.EventStreamResponse(_sse(p, rt, reader, first), on_close=reader.close)
+    return sse.EventStreamResponse(_sse(p, rt, reader, first), on_close=reader.close, headers=p.headers)
 
 
 async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):

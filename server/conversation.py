@@ -51,10 +51,16 @@ def _image_ref(image_url: ImageURL | str | None, param: str) -> ImageRef:
     return ImageRef(url=url, detail=detail, param=param)
 
 
-def build_conversation(messages: list[ChatMessage], multi_image: str = "reject") -> Conversation:
+def build_conversation(messages: list[ChatMessage], multi_image: str = "newest") -> Conversation:
+    """OpenAI messages → GLM-4V messages and the one image the model sees.
+
+    ``multi_image``: ``newest`` (default) — chat UIs resend the whole history, so the newest image is the one the
+    model sees, in the message that sent it; older image parts are dropped (their text is kept). ``first`` keeps the
+    first instead; ``reject`` answers 400 to a second image. Two images inside one message are a 400 under every
+    policy: the model cannot compare images, and silently dropping one of them would answer a different question.
+    """
     out: list[Message] = []
-    image: ImageRef | None = None
-    dropped = 0
+    refs: list[tuple[int, ImageRef]] = []  # (message index, image) in order
     for i, m in enumerate(messages):
         role = ROLES.get(m.role)
         if role is None:
@@ -64,7 +70,7 @@ def build_conversation(messages: list[ChatMessage], multi_image: str = "reject")
                 param=f"messages.{i}.role",
             )
         texts: list[str] = []
-        has_image = False
+        in_message = 0
         if isinstance(m.content, str):
             texts.append(m.content)
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
@@ -75,22 +81,31 @@ def build_conversation(messages: list[ChatMessage], multi_image: str = "reject")
                 texts.append(part.text)
             elif part.type == "image_url":
                 ref = _image_ref(part.image_url, param)
-                if image is None:
-                    image, has_image = ref, True
-                elif multi_image == "first":
-                    dropped += 1
-                else:
+                in_message += 1
+                if in_message > 1:
                     raise BadRequest(
-                        f"{param}: GLM-4V-9B understands one image per conversation and this request holds more; "
-                        f"send one image per conversation (the server's --multi-image policy is 'reject')",
+                        f"{param}: this message holds more than one image; GLM-4V-9B sees one image at a time and "
+                        "cannot compare images — send one image per message",
                         param=param,
                         code="too_many_images",
                     )
+                if refs and multi_image == "reject":
+                    raise BadRequest(
+                        f"{param}: GLM-4V-9B understands one image per conversation and this request holds more; "
+                        "send one image per conversation (the server's --multi-image policy is 'reject')",
+                        param=param,
+                        code="too_many_images",
+                    )
+                refs.append((i, ref))
             else:
                 raise BadRequest(
-                    f"{param}: content part type {part.type!r} is not supported (use text or image_url)", param=param
+                    f"{param}: content part type {part.type!r} is not supported (use text or image_url)",
+                    param=param,
                 )
-        out.append(Message(role, "\n".join(texts), has_image=has_image))
+        out.append(Message(role, "\n".join(texts)))
+    chosen = (refs[0] if multi_image == "first" else refs[-1]) if refs else None
+    if chosen is not None:
+        out[chosen[0]].has_image = True
     if not any(m.content or m.has_image for m in out):
         raise BadRequest("every message is empty", param="messages")
-    return Conversation(messages=out, image=image, dropped_images=dropped)
+    return Conversation(messages=out, image=chosen[1] if chosen else None, dropped_images=max(0, len(refs) - 1))

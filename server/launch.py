@@ -107,7 +107,7 @@ def run_server(settings: ServerSettings) -> int:
         "listening on http://%s:%d/v1 (model %s; /health answers 503 until it is loaded)",
         settings.host,
         settings.port,
-        ", ".join(settings.model_names),
+        ", ".join(settings.model_names or ["glm-4v-9b", "glm-4v", "…"]),
     )
     server.run()
     runtime = app.state.runtime

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadRequest, ContextLengthExceeded, validation_message
 
-MAX_STOP_STRINGS = 4  # as the OpenAI API
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; Continue sends 6+ to self-hosted servers
+MAX_STOP_CHARS = 256  # each
 # Checked on the raw JSON before pydantic sees it: validating a million empty messages holds the GIL for seconds.
 MAX_MESSAGES = 4096
 MAX_PARTS_PER_MESSAGE = 64
@@ -161,6 +162,8 @@ def unsupported_features(req: ChatCompletionRequest) -> None:
         raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
     if len(req.stop_list) > MAX_STOP_STRINGS:
         raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in req.stop_list):
+        raise BadRequest(f"a stop string may be at most {MAX_STOP_CHARS} characters", param="stop")
 
 
 # ---- responses --------------------------------------------------------------------------------------------------
@@ -251,6 +254,9 @@ class ModelCard(BaseModel):
     max_queue: int
     compile: dict[str, Any] | None  # null without --compile
     offload: dict[str, Any]  # --offload: where each part lives (device/host, precision), resident vs host bytes
+    multi_image: str  # --multi-image: which image of a conversation the model sees
+    sampling_defaults: dict[str, float]  # used when a request omits them (the checkpoint's generation_config.json)
+    max_tokens_policy: str  # --max-tokens-policy
     notes: list[str]
     demo: bool
 

@@ -1,5 +1,6 @@
 """The routes, as module-level routers (FastAPI's "bigger applications" layout): ``v1`` carries the API-key
-dependency for every ``/v1`` route; ``public`` has ``/health`` and ``/metrics``. Handlers find the app's
+dependency for every API route and is mounted at ``/v1`` and at the root; ``public`` has ``/health`` and
+``/metrics``. Handlers find the app's
 :class:`~server.runtime.Runtime` through :func:`runtime_of`, and never build protocol objects themselves: requests
 go through :mod:`server.translate`, responses through :mod:`server.chat`.
 """
@@ -67,7 +68,9 @@ class PreparationSlots:
             self._sem.release()
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+# The API, mounted at /v1 and at the root too (llama.cpp's server answers /chat/completions and /models: a base URL
+# typed without /v1 works).
+v1 = APIRouter(dependencies=[Depends(require_api_key)])
 public = APIRouter()
 
 
@@ -119,7 +122,7 @@ async def health(request: Request) -> JSONResponse:
     rt = runtime_of(request)
     rt.require_ready()
     return JSONResponse(
-        {"status": "ok", "model": rt.settings.model_names[0], "precision": rt.loaded.spec.label(), "demo": rt.demo}
+        {"status": "ok", "model": rt.served_names[0], "precision": rt.loaded.spec.label(), "demo": rt.demo}
     )
 
 

@@ -45,6 +45,37 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
     return size
 
 
+DEFAULT_NAMES = ("glm-4v-9b", "glm-4v")  # what the seed article, THUDM's example client and Dify send
+
+
+def default_model_names(model_dir) -> list[str]:
+    """The model ids served without --served-model-name: glm-4v-9b, glm-4v, the checkpoint's ``_name_or_path``
+    (THUDM/glm-4v-9b in the official config.json) and the folder's name — clients send any of them."""
+    import json
+
+    names = list(DEFAULT_NAMES)
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        if isinstance(raw.get("_name_or_path"), str):
+            names.append(raw["_name_or_path"])
+    except (OSError, ValueError):
+        pass  # a synthetic model has no folder
+    if (Path(model_dir) / "config.json").is_file():
+        names.append(Path(model_dir).name)
+    return list(dict.fromkeys(n for n in names if n.strip()))
+
+
+def sampling_defaults(model_dir) -> dict:
+    """``temperature`` / ``top_p`` of the checkpoint's generation_config.json (used when a request omits them)."""
+    import json
+
+    try:
+        raw = json.loads((Path(model_dir) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(raw[k]) for k in ("temperature", "top_p") if isinstance(raw.get(k), (int, float))}
+
+
 class Runtime:
     def __init__(
         self, settings: ServerSettings, metrics: Metrics, loaded: LoadedModel | Loader | None = None, hooks=None
@@ -62,6 +93,8 @@ class Runtime:
         self.low_detail_size = 0
         self.description: dict = {}
         self.on_failure: Callable[[], None] | None = None
+        self.served_names: list[str] = settings.model_names or list(DEFAULT_NAMES)
+        self.sampling_defaults: dict = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glm4v-preprocess")
         self.images = ImageLoader(settings, self.pool)
         self._thread: threading.Thread | None = None
@@ -81,6 +114,8 @@ class Runtime:
                 self.loaded = self._loader() if self._loader is not None else self._load_from_settings()
             lm, s = self.loaded, self.settings
             self.demo = lm.demo
+            self.served_names = s.model_names or default_model_names(lm.model_dir)
+            self.sampling_defaults = sampling_defaults(lm.model_dir)
             self.low_detail_size = low_detail_size(s.low_detail_size, lm.vision_size, lm.config.vision.image_size)
             if self.low_detail_size != s.low_detail_size:
                 log.info(
@@ -101,7 +136,7 @@ class Runtime:
             log.log(
                 logging.WARNING if self.demo else logging.INFO,
                 "ready: %s at %s on %s, max_model_len %d%s",
-                ", ".join(s.model_names),
+                ", ".join(self.served_names),
                 lm.spec.label(),
                 device_name(lm.device),
                 self.engine.max_model_len,
@@ -188,7 +223,10 @@ class Runtime:
             max_queue=eng.max_queue,
             compile=eng.compile_status() or self._compile_ignored(),
             offload=d["offload"],
+            multi_image=self.settings.multi_image,
+            sampling_defaults={"temperature": 1.0, "top_p": 1.0, **self.sampling_defaults},
+            max_tokens_policy=self.settings.max_tokens_policy,
             notes=d["notes"],
             demo=self.demo,
         )
-        return [ModelCard(id=name, created=self.created, **facts) for name in self.settings.model_names]
+        return [ModelCard(id=name, created=self.created, **facts) for name in self.served_names]

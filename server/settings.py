@@ -11,7 +11,8 @@ import argparse
 from dataclasses import dataclass, fields
 
 MIB = 1 << 20
-MULTI_IMAGE_POLICIES = ("reject", "first")
+MULTI_IMAGE_POLICIES = ("newest", "first", "reject")
+MAX_TOKENS_POLICIES = ("clamp", "reject")
 COMPILE_CHOICES = ("off", "reduce-overhead", "cudagraphs", "default")
 OFFLOAD_CHOICES = ("vision", "embeddings", "none")  # quant.offload.OFFLOAD_PARTS + none (no torch import here)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -34,7 +35,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    served_model_name: str = "glm-4v-9b"  # comma-separated aliases; the first is the primary id
+    served_model_name: str | None = None  # comma-separated aliases, the first the primary id; None = the defaults
     cors_origins: str = ""  # comma-separated; "" = no CORS headers, "*" = any origin
     allowed_hosts: str = ""  # comma-separated Host names; "" = loopback names only when key-less on loopback
     max_connections: int = 128  # open HTTP connections; more are answered 503 and closed
@@ -48,14 +49,15 @@ class ServerSettings:
     vision_layers_per_step: int = 8
     compile: str = "off"  # a COMPILE_CHOICES entry; GPU only
     # --- requests ---
-    default_max_tokens: int = 1024
+    default_max_tokens: int | None = None  # None = the rest of the context
+    max_tokens_policy: str = "clamp"  # clamp | reject: a max_tokens larger than the room left
     request_timeout: float = 600.0  # seconds from arrival to the last token (upload included); 0 = no limit
     shutdown_timeout: float = 30.0
     max_request_bytes: int = 24 * MIB  # one --max-image-bytes image in base64 (21.3 MiB) and text to spare
     max_preparing: int = 8  # requests read, parsed and preprocessed at once; the rest wait (or 429)
     # --- images ---
     low_detail_size: int = 448
-    multi_image: str = "reject"
+    multi_image: str = "newest"
     max_image_bytes: int = 16 * MIB
     max_image_pixels: int = 4096 * 4096  # 16.8 MP: a 12 MP photo passes; the model sees 1120² anyway
     image_fetch_timeout: float = 10.0
@@ -81,7 +83,6 @@ class ServerSettings:
             "max_queue",
             "prefill_chunk",
             "vision_layers_per_step",
-            "default_max_tokens",
             "max_request_bytes",
             "max_image_bytes",
             "max_image_pixels",
@@ -92,8 +93,12 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, not {self.compile!r}")
-        if not self.model_names:
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1")
+        if self.served_model_name is not None and not self.model_names:
             raise ValueError("served_model_name must name at least one model")
+        if self.max_tokens_policy not in MAX_TOKENS_POLICIES:
+            raise ValueError(f"max_tokens_policy must be one of {MAX_TOKENS_POLICIES}, not {self.max_tokens_policy!r}")
         for name in ("header_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds")
@@ -134,7 +139,8 @@ class ServerSettings:
 
     @property
     def model_names(self) -> list[str]:
-        return [n.strip() for n in self.served_model_name.split(",") if n.strip()]
+        """The names given with --served-model-name ([] = the defaults, decided once the model is loaded)."""
+        return [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -40,8 +40,8 @@ class EventStreamResponse(StreamingResponse):
     """``text/event-stream`` with the headers above; ``on_close`` runs however the response ends — Starlette never
     starts (so never finalises) the body generator when the client is gone before the first byte."""
 
-    def __init__(self, content, on_close=None):
-        super().__init__(content, media_type="text/event-stream", headers=HEADERS)
+    def __init__(self, content, on_close=None, headers: dict[str, str] | None = None):
+        super().__init__(content, media_type="text/event-stream", headers={**HEADERS, **(headers or {})})
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:

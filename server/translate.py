@@ -28,6 +28,14 @@ class PreparedChat:
     stream: bool
     include_usage: bool
     generation: GenerationRequest
+    clamped_from: int | None = None  # max_tokens the client asked for, when --max-tokens-policy clamp lowered it
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers saying what the server changed: ``x-glm4v-max-tokens-clamped: <asked>-><given>``."""
+        if self.clamped_from is None:
+            return {}
+        return {"x-glm4v-max-tokens-clamped": f"{self.clamped_from}->{self.generation.params.max_new_tokens}"}
 
 
 def resolve_model(name: str | None, served: list[str]) -> str:
@@ -47,13 +55,14 @@ def _prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
         raise BadRequest(str(e), param="messages") from None
 
 
-def _sampling(req: ChatCompletionRequest, max_new_tokens: int) -> SamplingParams:
-    """OpenAI defaults where the client is silent: temperature 1, top_p 1, no penalties."""
+def _sampling(req: ChatCompletionRequest, max_new_tokens: int, defaults: dict) -> SamplingParams:
+    """The checkpoint's ``generation_config.json`` defaults where the client is silent (GLM-4V-9B: temperature 0.8,
+    top_p 0.8), as vLLM does; OpenAI's 1.0 / 1.0 when the checkpoint has none. No penalties by default."""
     try:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=defaults.get("temperature", 1.0) if req.temperature is None else req.temperature,
+            top_p=defaults.get("top_p", 1.0) if req.top_p is None else req.top_p,
             top_k=max(0, req.top_k or 0),
             repetition_penalty=req.repetition_penalty or 1.0,
             presence_penalty=req.presence_penalty or 0.0,
@@ -66,13 +75,20 @@ def _sampling(req: ChatCompletionRequest, max_new_tokens: int) -> SamplingParams
         raise BadRequest(str(e)) from None
 
 
-def _completion_budget(req: ChatCompletionRequest, prompt_tokens: int, max_model_len: int, default: int) -> int:
+def _completion_budget(
+    req: ChatCompletionRequest, prompt_tokens: int, max_model_len: int, default: int | None, policy: str
+) -> tuple[int, int | None]:
+    """(completion budget, the asked max_tokens when it was clamped). Without max_tokens the completion may use the
+    rest of the context (or ``--default-max-tokens``); more than fits is clamped (``--max-tokens-policy clamp``, what
+    llama.cpp and Ollama users expect) or a 400 (``reject``, OpenAI's behaviour)."""
     room = max_model_len - prompt_tokens
     asked = req.completion_limit
     if asked is None and room >= 1:
-        return min(default, room)
+        return (room if default is None else min(default, room)), None
     if asked is not None and asked <= room:
-        return asked
+        return asked, None
+    if asked is not None and room >= 1 and policy == "clamp":
+        return room, asked
     wanted = (
         f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion)"
         if asked is not None
@@ -86,7 +102,7 @@ def _completion_budget(req: ChatCompletionRequest, prompt_tokens: int, max_model
 
 
 async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
-    model = resolve_model(req.model, rt.settings.model_names)
+    model = resolve_model(req.model, rt.served_names)
     unsupported_features(req)
     lm, loop = rt.loaded, asyncio.get_running_loop()
     conv = await loop.run_in_executor(rt.pool, build_conversation, req.messages, rt.settings.multi_image)
@@ -101,9 +117,15 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
             raise
     ids = await loop.run_in_executor(rt.pool, _prompt_ids, lm.tokenizer, conv.messages)
     image_tokens = lm.image_tokens(pixel_values.shape[-1]) if pixel_values is not None else None
-    budget = _completion_budget(
-        req, expanded_length(len(ids), image_tokens), rt.engine.max_model_len, rt.settings.default_max_tokens
+    budget, clamped_from = _completion_budget(
+        req,
+        expanded_length(len(ids), image_tokens),
+        rt.engine.max_model_len,
+        rt.settings.default_max_tokens,
+        rt.settings.max_tokens_policy,
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = GenerationRequest(ids, _sampling(req, budget), pixel_values, request_id)
-    return PreparedChat(request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation)
+    generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id)
+    return PreparedChat(
+        request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from
+    )

@@ -58,11 +58,21 @@ CASES = [
     ("too-many-pixels", image_msg(data_url(png_bytes((1200, 1000)))), 413, "payload_too_large", None, "pixels"),
     ("too-many-bytes", image_msg(data_url(os.urandom(210_000))), 413, "payload_too_large", None, "limit"),
     (
-        "two-images",
-        {"messages": [user_with_image(data_url(png_bytes())), user_with_image(data_url(png_bytes()))]},
+        "two-images-in-one-message",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                    ],
+                }
+            ]
+        },
         400,
         "too_many_images",
-        "messages.1.content.1",
+        "messages.0.content.1",
         "one image",
     ),
     (
@@ -78,7 +88,6 @@ CASES = [
     ("ftp", image_msg("ftp://example.com/x.png"), 400, None, None, "scheme"),
     ("etc-passwd", image_msg("file:///etc/passwd"), 400, None, None, "outside"),
     ("unknown-model", {**GOOD, "model": "gpt-4o"}, 404, "model_not_found", "model", "gpt-4o"),
-    ("overflow", {**GOOD, "max_tokens": 250}, 400, "context_length_exceeded", "messages", "256 tokens"),
     (
         "prompt-too-long",
         {"messages": [{"role": "user", "content": "word " * 400}]},
@@ -91,7 +100,8 @@ CASES = [
     ("logprobs", {**GOOD, "logprobs": True}, 400, None, "logprobs", ""),
     ("tools", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools", "tool"),
     ("json-mode", {**GOOD, "response_format": {"type": "json_object"}}, 400, None, "response_format", ""),
-    ("five-stops", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop", "at most 4"),
+    ("seventeen-stops", {**GOOD, "stop": [f"s{i}" for i in range(17)]}, 400, None, "stop", "at most 16"),
+    ("long-stop", {**GOOD, "stop": ["x" * 257]}, 400, None, "stop", "256 characters"),
     ("hot", {**GOOD, "temperature": 5}, 400, None, "temperature", ""),
     ("zero-tokens", {**GOOD, "max_tokens": 0}, 400, None, "max_tokens", ""),
     ("huge-seed", {**GOOD, "seed": 2**70}, 400, None, "seed", ""),
@@ -176,6 +186,58 @@ def test_multi_image_policy_first_keeps_the_first_image(base_settings, tiny_fp32
         assert both["usage"] == first["usage"]
 
 
+def test_max_tokens_beyond_the_context_is_clamped_or_rejected(api, base_settings, tiny_fp32):
+    """Continue sends max_tokens 4096 by default: clamped to the room left (the default, as llama.cpp and Ollama do),
+    or OpenAI's 400 with --max-tokens-policy reject. Without max_tokens the whole rest of the context may be used."""
+    from dataclasses import replace
+
+    from ..support import serve
+
+    body = {**GOOD, "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    r = api.post(body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] == 256 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.headers["x-glm4v-max-tokens-clamped"] == f"250->{256 - usage['prompt_tokens']}"
+    with api.client().chat.completions.with_streaming_response.create(
+        model="glm-4v-9b", messages=GOOD["messages"], max_tokens=250, stream=True
+    ) as resp:
+        assert resp.headers["x-glm4v-max-tokens-clamped"].startswith("250->")
+    r = api.post({**GOOD, "max_tokens": 3})
+    assert "x-glm4v-max-tokens-clamped" not in r.headers
+    with serve(replace(base_settings, max_tokens_policy="reject", default_max_tokens=None), tiny_fp32) as s:
+        assert_envelope(s.post(body), 400, "context_length_exceeded", "messages", "256 tokens")
+        no_limit = {"messages": GOOD["messages"], "temperature": 0, "ignore_eos": True}
+        r = s.post(no_limit)  # no max_tokens: the rest of the context
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 256
+
+
+def test_newest_image_policy_answers_about_the_new_image(api, base_settings, tiny_fp32):
+    """Chat UIs resend the history: after a first image, the second upload is what the model sees (default)."""
+    from dataclasses import replace
+
+    from ..support import serve
+
+    red, blue = data_url(png_bytes()), data_url(png_bytes(color=(0, 0, 255)))
+    history = [user_with_image(red, "first picture?"), {"role": "assistant", "content": "a red square"}]
+    new = user_with_image(blue, "and this one?")
+    both = api.post({"messages": [*history, new], "max_tokens": 4, "temperature": 0})
+    assert both.status_code == 200, both.text
+    # the same as if the old image had never been sent (its text kept), and not the same as the first image
+    only_new = api.post(
+        {
+            "messages": [{"role": "user", "content": "first picture?"}, history[1], new],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+    )
+    assert both.json()["choices"][0]["message"] == only_new.json()["choices"][0]["message"]
+    assert both.json()["usage"] == only_new.json()["usage"]
+    with serve(replace(base_settings, multi_image="reject"), tiny_fp32) as s:
+        r = s.post({"messages": [*history, new], "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_images"
+
+
 def test_openai_client_sees_typed_errors(api):
     client = api.client()
     with pytest.raises(openai.NotFoundError) as e:
@@ -195,3 +257,8 @@ def test_unknown_route_and_method_use_the_envelope(api):
     assert_envelope(httpx.get(f"{api.url}/v1/completions_typo"), 404, "not_found")
     assert_envelope(httpx.get(f"{api.url}/v1/chat/completions"), 405, "method_not_allowed")
     assert_envelope(httpx.get(f"{api.url}/v1/models/gpt-4o"), 404, "model_not_found")
+
+
+def test_six_stop_strings_are_accepted(api):
+    r = api.post({**GOOD, "stop": ["\n\n", "```", "</s>", "User:", "###", "<|end|>"]})  # Continue's kind of list
+    assert r.status_code == 200, r.text

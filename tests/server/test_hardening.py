@@ -399,3 +399,13 @@ def test_extreme_sampling_values_never_disturb_running_streams(base_settings, ti
         metrics = httpx.get(f"{s.url}/metrics").text
         assert finished_with(metrics, "error") == 0
         assert finished_with(metrics, "length") + finished_with(metrics, "stop") == 3 + len(BAD_BUT_ACCEPTED)
+
+
+def test_a_base_url_without_v1_works_too(api):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=api.url, api_key="none", max_retries=0, timeout=30)  # no /v1
+    assert client.models.list().data[0].id == "glm-4v-9b"
+    r = client.chat.completions.create(model="glm-4v", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(f"{api.url}//models").status_code == 200

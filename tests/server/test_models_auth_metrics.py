@@ -16,7 +16,12 @@ from ..support import data_url, png_bytes, serve, user_with_image
 
 def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
     listed = api.client().models.list()
-    assert [m.id for m in listed.data] == ["glm-4v-9b"]
+    # the default aliases: what clients send (glm-4v from THUDM's example client), the checkpoint's _name_or_path
+    # and its folder name — every one of them answers
+    assert [m.id for m in listed.data] == ["glm-4v-9b", "glm-4v", "glm4v-edge/tiny-random", "tiny"]
+    for name in ("glm-4v", "glm4v-edge/tiny-random", "tiny"):
+        r = api.post({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == name
     card = httpx.get(f"{api.url}/v1/models/glm-4v-9b").json()
     assert card["object"] == "model" and card["owned_by"] == "glm4v-edge" and isinstance(card["created"], int)
     assert card["precision"] == card["vision_precision"] == "fp32"
@@ -28,6 +33,8 @@ def test_models_report_the_loaded_fp32_model(api, tiny_fp32):
     assert card["weight_bytes"] == tiny_fp32.weight_bytes["total"] > 0
     assert card["demo"] is False and card["root"] == "tiny"
     assert card["compile"] is None  # --compile off (and always off on a CPU)
+    assert card["multi_image"] == "newest" and card["max_tokens_policy"] == "clamp"
+    assert card["sampling_defaults"] == {"temperature": 0.8, "top_p": 0.8}  # the checkpoint's generation_config
 
 
 @pytest.fixture(scope="module")
