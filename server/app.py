@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class StatusMetrics:
-    """Counts the HTTP status of every chat-completion response (401s and 400s included)."""
+    """Counts the HTTP status of every (chat) completion response (401s and 400s included)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith(("/v1/chat/", "/chat/")):
+        if scope["type"] != "http" or not scope["path"].endswith("completions"):
             return await self.app(scope, receive, send)
 
         async def counting_send(message):

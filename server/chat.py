@@ -165,6 +165,8 @@ async def complete(p: PreparedChat, rt: Runtime, request: Request, arrived: floa
     if reader.outcome == "cancelled":  # only the engine's shutdown cancels a request we are still reading
         raise ServiceUnavailable("the server shut down before this request finished", code="shutting_down")
     h = reader.handle
+    if p.kind == "text":
+        return JSONResponse(_text_completion(p, rt, "".join(parts), reader.outcome, h), headers=p.headers)
     body = ChatCompletion(
         id=p.id,
         created=p.created,
@@ -197,8 +199,28 @@ async def stream(p: PreparedChat, rt: Runtime, request: Request, arrived: float)
     return sse.EventStreamResponse(_sse(p, rt, reader, first), on_close=reader.close, headers=p.headers)
 
 
+def _text_completion(p: PreparedChat, rt: Runtime, text: str | None, finish_reason, handle=None) -> dict:
+    """A ``text_completion`` object (whole or a stream chunk; a chunk without choices carries the usage)."""
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    body = {
+        "id": p.id,
+        "object": "text_completion",
+        "created": p.created,
+        "model": p.model,
+        "system_fingerprint": rt.system_fingerprint,
+        "choices": choices,
+    }
+    if handle is not None:
+        body["usage"] = Usage.of(handle.prompt_tokens, handle.completion_tokens).model_dump()
+    return body
+
+
 async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):
     def chunk(delta: Delta | None = None, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+        if p.kind == "text":
+            if delta is None:  # the usage chunk
+                return sse.event({**_text_completion(p, rt, None, None), "usage": usage.model_dump()})
+            return sse.event(_text_completion(p, rt, delta.content or "", finish_reason))
         choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
         return sse.chunk_event(
             ChatCompletionChunk(
@@ -213,7 +235,8 @@ async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):
         )
 
     try:
-        yield chunk(Delta(role="assistant", content=""))
+        if p.kind == "chat":
+            yield chunk(Delta(role="assistant", content=""))
         while True:
             if ev.kind == "delta":
                 if ev.text:

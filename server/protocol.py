@@ -89,6 +89,73 @@ class ChatCompletionRequest(_Lenient):
         return self.max_completion_tokens or self.max_tokens
 
 
+class CompletionRequest(_Lenient):
+    """``POST /v1/completions`` (the legacy API LlamaIndex's ``OpenAILike`` and many scripts default to): a raw text
+    prompt, continued — no chat template. One prompt per request (a string, a one-element list, or token ids)."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = Field(None, ge=-1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    include_usage = ChatCompletionRequest.include_usage
+    stop_list = ChatCompletionRequest.stop_list
+
+    @property
+    def completion_limit(self) -> int | None:
+        return self.max_tokens
+
+    def unsupported(self) -> None:
+        for name, bad in (
+            ("n", (self.n or 1) > 1),
+            ("best_of", (self.best_of or 1) > 1),
+            ("echo", bool(self.echo)),
+            ("logprobs", self.logprobs is not None),
+            ("suffix", bool(self.suffix)),
+            ("logit_bias", bool(self.logit_bias)),
+        ):
+            if bad:
+                raise BadRequest(f"{name} is not supported on /v1/completions by this server", param=name)
+        if len(self.stop_list) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop_list):
+            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_CHARS} characters", param="stop")
+        p = self.prompt
+        if isinstance(p, list) and p and not isinstance(p[0], int) and len(p) != 1:
+            raise BadRequest("send one prompt per request (a string, a one-element list or token ids)", param="prompt")
+        if p == [] or p == "":
+            raise BadRequest("prompt is empty", param="prompt")
+
+
+def parse_completion_request(body: bytes, max_text_chars: int | None = None) -> CompletionRequest:
+    data = _load_json(body)
+    if isinstance(data.get("prompt"), str) and max_text_chars is not None and len(data["prompt"]) > max_text_chars:
+        raise ContextLengthExceeded(
+            f"the prompt holds {len(data['prompt']):,} characters, more than the model's context could hold "
+            f"(at most {max_text_chars:,})",
+            param="prompt",
+        )
+    try:
+        return CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(list(e.errors()))
+        raise BadRequest(message, param=param) from None
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -123,8 +190,7 @@ def check_size(data: dict, max_text_chars: int | None) -> None:
         )
 
 
-def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
-    """Raw body → request model; malformed JSON and schema problems become 400s that say what is wrong."""
+def _load_json(body: bytes) -> dict:
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -135,6 +201,12 @@ def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCo
         raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
+    """Raw body → request model; malformed JSON and schema problems become 400s that say what is wrong."""
+    data = _load_json(body)
     check_size(data, max_text_chars)
     try:
         return ChatCompletionRequest.model_validate(data)

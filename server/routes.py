@@ -19,9 +19,9 @@ from starlette.requests import ClientDisconnect
 
 from . import chat
 from .errors import ModelNotFound, QueueFull, RequestTimeout, Unauthorized
-from .protocol import ModelList, parse_chat_request
+from .protocol import ModelList, parse_chat_request, parse_completion_request
 from .runtime import Runtime
-from .translate import prepare
+from .translate import prepare, prepare_completion
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
 
 @v1.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    return await _serve(request, parse_chat_request, prepare)
+
+
+async def _serve(request: Request, parse, prepare_request) -> Response:
+    """Read, parse and prepare within the preparation slots and --request-timeout, then answer (JSON or SSE)."""
     rt = runtime_of(request)
     loop = asyncio.get_running_loop()
     arrived = loop.time()
@@ -103,8 +108,8 @@ async def chat_completions(request: Request) -> Response:
             async with asyncio.timeout(None if timeout is None else arrived + timeout - loop.time()):
                 body = await request.body()
                 # json + pydantic on a large body and the prompt's preparation are CPU work: off the loop
-                req = await loop.run_in_executor(rt.pool, parse_chat_request, body, rt.max_prompt_chars)
-                prepared = await prepare(req, rt)
+                req = await loop.run_in_executor(rt.pool, parse, body, rt.max_prompt_chars)
+                prepared = await prepare_request(req, rt)
         except ClientDisconnect:
             log.info("client disconnected while sending its request (499)")
             return Response(status_code=chat.CLIENT_CLOSED)
@@ -115,6 +120,12 @@ async def chat_completions(request: Request) -> Response:
             ) from None
     handler = chat.stream if prepared.stream else chat.complete
     return await handler(prepared, rt, request, arrived)
+
+
+@v1.post("/completions")
+async def completions(request: Request) -> Response:
+    """The legacy completions API: a raw prompt, no chat template (LlamaIndex OpenAILike's default)."""
+    return await _serve(request, parse_completion_request, prepare_completion)
 
 
 @public.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors use HEAD

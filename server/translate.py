@@ -16,7 +16,7 @@ from glm4v.chat_template import TemplateError
 
 from .conversation import build_conversation
 from .errors import APIError, BadRequest, ContextLengthExceeded, ModelNotFound
-from .protocol import ChatCompletionRequest, unsupported_features
+from .protocol import ChatCompletionRequest, CompletionRequest, unsupported_features
 from .runtime import Runtime
 
 
@@ -29,6 +29,7 @@ class PreparedChat:
     include_usage: bool
     generation: GenerationRequest
     clamped_from: int | None = None  # max_tokens the client asked for, when --max-tokens-policy clamp lowered it
+    kind: str = "chat"  # "chat" (/v1/chat/completions) | "text" (/v1/completions)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -128,4 +129,33 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
     generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id)
     return PreparedChat(
         request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from
+    )
+
+
+def _completion_ids(tokenizer, prompt) -> list[int]:
+    """A legacy-completions prompt → ids: text is continued as it is, after GLM's ``[gMASK]<sop>`` prefix (no chat
+    template); token ids are taken as given (checked against the vocabulary)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return [tokenizer.token_id("[gMASK]"), tokenizer.token_id("<sop>")] + tokenizer.encode(prompt)
+    if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
+        raise BadRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+    return list(prompt)
+
+
+async def prepare_completion(req: CompletionRequest, rt: Runtime) -> PreparedChat:
+    """``/v1/completions``: the same engine request, built from a raw prompt."""
+    model = resolve_model(req.model, rt.served_names)
+    req.unsupported()
+    ids = await asyncio.get_running_loop().run_in_executor(rt.pool, _completion_ids, rt.loaded.tokenizer, req.prompt)
+    budget, clamped_from = _completion_budget(
+        req, len(ids), rt.engine.max_model_len, rt.settings.default_max_tokens, rt.settings.max_tokens_policy
+    )
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), None, request_id)
+    return PreparedChat(
+        request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from, "text"
     )
