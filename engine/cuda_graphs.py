@@ -113,7 +113,7 @@ class DecodeGraphs:
         return self.model.transformer.embedding(inputs[0][:, None]) if self.lookup_outside else None
 
     @torch.inference_mode()  # as when serving: grad mode is part of what a compiled graph is guarded on
-    def warmup(self, iterations: int = 3) -> float:
+    def warmup(self, iterations: int = 3, buckets: list[int] | None = None) -> float:
         """Compile (and for CUDA graphs record) every bucket before serving; returns the seconds it took.
 
         Runs with every cache row free, so the entries it writes (slot 0 of each row) are overwritten by the first
@@ -122,7 +122,7 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         if any(self.cache.lengths):
             raise RuntimeError("warm up the decode graphs before any sequence is in the cache")
-        for b in self.buckets:
+        for b in buckets or self.buckets:  # a benchmark may warm up one bucket at a time
             inputs = torch.zeros(3, b, dtype=torch.long, device=self.device)
             for w in self.windows:  # every shape serving can meet: nothing is compiled or recorded later
                 for _ in range(iterations):

@@ -304,8 +304,7 @@ def time_decode(lm, spec: StepSpec, context: int, mode: str | None = None) -> di
         for b in batches:
             cache.reset()
             if graphs is not None:  # compile (and capture) this batch size now: a run cut short keeps the earlier ones
-                graphs.buckets = [b]
-                out["compile_s"] += graphs.warmup()
+                out["compile_s"] += graphs.warmup(buckets=[b])
             for r in range(b):
                 cache.lengths[r] = cache.next_positions[r] = context
             tokens, times = [100 + r for r in range(b)], []
