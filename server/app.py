@@ -36,7 +36,7 @@ class StatusMetrics:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].endswith("completions"):
+        if scope["type"] != "http" or not scope["path"].endswith(("completions", "responses")):
             return await self.app(scope, receive, send)
 
         async def counting_send(message):

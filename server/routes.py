@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from . import chat
 from .errors import ModelNotFound, QueueFull, RequestTimeout, Unauthorized
 from .protocol import ModelList, parse_chat_request, parse_completion_request
+from .reader import CLIENT_CLOSED
 from .runtime import Runtime
 from .translate import prepare, prepare_completion
 
@@ -112,7 +113,7 @@ async def _serve(request: Request, parse, prepare_request) -> Response:
                 prepared = await prepare_request(req, rt)
         except ClientDisconnect:
             log.info("client disconnected while sending its request (499)")
-            return Response(status_code=chat.CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         except TimeoutError:
             raise RequestTimeout(
                 f"the request was not read and prepared within the server's limit of "
@@ -126,6 +127,14 @@ async def _serve(request: Request, parse, prepare_request) -> Response:
 async def completions(request: Request) -> Response:
     """The legacy completions API: a raw prompt, no chat template (LlamaIndex OpenAILike's default)."""
     return await _serve(request, parse_completion_request, prepare_completion)
+
+
+@v1.post("/responses")
+async def responses(request: Request) -> Response:
+    """The core of the Responses API (server/responses.py), stateless."""
+    from .responses import parse_responses_request, prepare_response
+
+    return await _serve(request, parse_responses_request, prepare_response)
 
 
 @public.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors use HEAD
