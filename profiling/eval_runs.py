@@ -177,7 +177,7 @@ def evaluate_local(
             **score(texts, items),
         )
         rows.append(EvalRow.from_dict(row))
-        answers += _answer_rows(key.label(), items, texts)
+        answers += _answer_rows(row["label"], items, texts)  # the row's label: +head-…/+offload included
         del a
         _free(lm)
     return rows, answers

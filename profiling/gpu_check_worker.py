@@ -19,15 +19,13 @@ or ``{"event": "error", ...}``. Everything else goes to stderr (the step's log).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .profile_worker import emit
+from .profile_worker import emit, is_oom, worker_main
 
 log = logging.getLogger("profiling.gpu_check")
 
@@ -56,10 +54,6 @@ class StepSpec:
     card_gib: float | None = None
     compile_mode: str | None = None
     bandwidth_bytes: int = GIB
-
-
-def is_oom(e: BaseException) -> bool:
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 def _sync(device) -> None:
@@ -463,22 +457,7 @@ STEPS = {"env": run_env, "config": run_config, "compile": run_compile}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    if len(argv) != 1:
-        print("usage: python -m profiling.gpu_check_worker '<StepSpec JSON>'", file=sys.stderr)
-        return 2
-    spec = StepSpec(**json.loads(argv[0]))
-    log.info("step %s", json.dumps(asdict(spec)))
-    try:
-        fields = STEPS[spec.kind](spec)
-    except Exception as e:
-        traceback.print_exc()
-        emit("error", status="oom" if is_oom(e) else "error", error=f"{type(e).__name__}: {e}"[:1000])
-        return 1
-    emit("result", fields=fields)
-    return 0
+    return worker_main(argv, "profiling.gpu_check_worker", StepSpec, lambda spec: STEPS[spec.kind](spec), "fields")
 
 
 if __name__ == "__main__":

@@ -251,23 +251,33 @@ def run(spec: RunSpec) -> dict:
     return row.to_dict()
 
 
-def main(argv: list[str] | None = None) -> int:
+def is_oom(e: BaseException) -> bool:
+    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def worker_main(argv: list[str] | None, module: str, spec_type, run_spec, result_key: str) -> int:
+    """The entry point of a measuring subprocess (``profile``'s and ``gpu-check``'s): one JSON spec on the command
+    line; the result, or the error (``oom`` told apart), as protocol lines on stdout; logs on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if len(argv) != 1:
-        print("usage: python -m profiling.profile_worker '<RunSpec JSON>'", file=sys.stderr)
+        print(f"usage: python -m {module} '<{spec_type.__name__} JSON>'", file=sys.stderr)
         return 2
-    spec = RunSpec(**json.loads(argv[0]))
+    spec = spec_type(**json.loads(argv[0]))
+    log.info("spec %s", json.dumps(asdict(spec)))
     try:
-        row = run(spec)
+        result = run_spec(spec)
     except Exception as e:
         traceback.print_exc()
-        oom = "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
-        emit("error", status="oom" if oom else "error", error=f"{type(e).__name__}: {e}")
+        emit("error", status="oom" if is_oom(e) else "error", error=f"{type(e).__name__}: {e}"[:1000])
         return 1
-    emit("result", row=row)
+    emit("result", **{result_key: result})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return worker_main(argv, "profiling.profile_worker", RunSpec, run, "row")
 
 
 if __name__ == "__main__":

@@ -152,14 +152,29 @@ class LoadedModel:
         return d
 
 
-def resolve_request(config, device, vision_size, **spec_args) -> tuple[torch.device, PrecisionSpec, int]:
+def resolve_request(
+    config, device, vision_size, offload=(), **spec_args
+) -> tuple[torch.device, PrecisionSpec, int, tuple[str, ...]]:
     """What :func:`load` and :func:`quant.synthetic.build` both settle first: the device, the precision spec for it,
-    and a valid vision size (default: the checkpoint's own)."""
+    a valid vision size (default: the checkpoint's own) and the parts to keep in host memory (refused here, before
+    anything is read, when they cannot be)."""
     device = resolve_device(device)
     spec = PrecisionSpec(**spec_args).resolve(device)
     vision_size = vision_size or config.vision.image_size
     check_vision_size(vision_size, config.vision.image_size)
-    return device, spec, vision_size
+    offload = parse_offload(offload)
+    check_offload(spec, offload)
+    return device, spec, vision_size, offload
+
+
+def place_in_host_memory(model, spec: PrecisionSpec, device: torch.device, offload: tuple[str, ...]) -> None:
+    """The offloaded parts, once loaded (or built) in host memory: the vision tower packed for streaming — a
+    quantized one quantized on ``device`` one unit at a time as it is packed — and the input table on the host."""
+    if "vision" in offload:
+        prepare = partial(quantize_unit, precision=spec.vision_precision, spec=spec, device=device)
+        offload_vision(model, device, prepare=prepare if spec.vision_quantized else None)
+    if "embeddings" in offload:
+        offload_embeddings(model, device)
 
 
 def load(
@@ -184,7 +199,7 @@ def load(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
-    device, spec, vision_size = resolve_request(
+    device, spec, vision_size, offload = resolve_request(
         info.config,
         device,
         vision_size,
@@ -194,9 +209,8 @@ def load(
         double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
         lm_head_precision=lm_head_precision,
+        offload=offload,
     )
-    offload = parse_offload(offload)
-    check_offload(spec, offload)
 
     load_dtype = FLOAT_PRECISIONS.get(spec.precision, spec.dtype)
     quantizing_on_host = device.type == "cpu" and (spec.lm_quantized or spec.vision_quantized)
@@ -216,18 +230,14 @@ def load(
         vision = model.transformer.vision
         if "vision" in offload:
             if spec.vision_dtype() != load_dtype and not spec.vision_quantized:
-                vision.to(spec.vision_dtype())
-            # Quantized (when asked) on the compute device one unit at a time, then packed into host memory.
-            prepare = partial(quantize_unit, precision=spec.vision_precision, spec=spec, device=device)
-            offload_vision(model, device, prepare=prepare if spec.vision_quantized else None)
+                vision.to(spec.vision_dtype())  # quantized ones are quantized as they are packed
         elif spec.vision_precision != spec.precision:
             if spec.vision_quantized:
                 quantize_linears(vision, spec.vision_precision, spec, device, prefix=VISION)
             elif spec.vision_dtype() != load_dtype:
                 vision.to(spec.vision_dtype())  # float tensors only: the vision tower was left out of quantization
         apply_head_precision(model, spec, device, load_dtype)
-        if "embeddings" in offload:
-            offload_embeddings(model, device)
+        place_in_host_memory(model, spec, device, offload)
     finish_model(model, device, vision_size)
     loaded = LoadedModel(
         model=model,

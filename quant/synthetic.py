@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +28,9 @@ from glm4v.checkpoint import CheckpointInfo, expected_shapes, load_config
 from glm4v.tokenizer import SPECIAL_TOKENS
 
 from .bnb import quantized_linear
-from .loader import LoadedModel, finish_model, quantize_unit, resolve_request
+from .loader import LoadedModel, finish_model, place_in_host_memory, resolve_request
 from .memory import weight_bytes
-from .offload import OFFLOADED_PREFIXES, check_offload, offload_embeddings, offload_vision, parse_offload
+from .offload import OFFLOADED_PREFIXES
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ def build(
     name = name or (config if isinstance(config, str) else "config")
     if isinstance(config, str):
         config = synthetic_config(config)
-    device, spec, vision_size = resolve_request(
+    device, spec, vision_size, offload = resolve_request(
         config,
         device,
         vision_size,
@@ -131,9 +130,8 @@ def build(
         double_quant=double_quant,
         quantize_lm_head=quantize_lm_head,
         lm_head_precision=lm_head_precision,
+        offload=offload,
     )
-    offload = parse_offload(offload)
-    check_offload(spec, offload)
     host_prefixes = tuple(OFFLOADED_PREFIXES[p] for p in offload)
 
     with torch.device("meta"):
@@ -178,11 +176,7 @@ def build(
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"synthetic build left tensors unmaterialized: {', '.join(left[:5])}")
-    if "vision" in offload:
-        prepare = partial(quantize_unit, precision=spec.vision_precision, spec=spec, device=device)
-        offload_vision(model, device, prepare=prepare if spec.vision_quantized else None)
-    if "embeddings" in offload:
-        offload_embeddings(model, device)
+    place_in_host_memory(model, spec, device, offload)
     finish_model(model, device, vision_size)
 
     path = Path(f"synthetic/{name}")

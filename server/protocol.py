@@ -142,7 +142,7 @@ class CompletionRequest(_Lenient):
 
 
 def parse_completion_request(body: bytes, max_text_chars: int | None = None) -> CompletionRequest:
-    data = _load_json(body)
+    data = load_json(body)
     if isinstance(data.get("prompt"), str) and max_text_chars is not None and len(data["prompt"]) > max_text_chars:
         raise ContextLengthExceeded(
             f"the prompt holds {len(data['prompt']):,} characters, more than the model's context could hold "
@@ -190,7 +190,7 @@ def check_size(data: dict, max_text_chars: int | None) -> None:
         )
 
 
-def _load_json(body: bytes) -> dict:
+def load_json(body: bytes) -> dict:
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -206,7 +206,7 @@ def _load_json(body: bytes) -> dict:
 
 def parse_chat_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
     """Raw body → request model; malformed JSON and schema problems become 400s that say what is wrong."""
-    data = _load_json(body)
+    data = load_json(body)
     check_size(data, max_text_chars)
     try:
         return ChatCompletionRequest.model_validate(data)

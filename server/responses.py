@@ -16,13 +16,12 @@ engine error) — each as ``event: <type>`` + ``data: {...}``, numbered by
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from pydantic import Field, ValidationError
 
 from .errors import BadRequest, validation_message
-from .protocol import ChatCompletionRequest, _Lenient, _load_json, check_size
+from .protocol import ChatCompletionRequest, _Lenient, check_size, load_json
 from .reader import ClientGone, TimedOut, engine_error
 from .runtime import Runtime
 from .translate import PreparedChat, prepare
@@ -101,7 +100,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
 
 
 def parse_responses_request(body: bytes, max_text_chars: int | None = None) -> ChatCompletionRequest:
-    data = _load_json(body)
+    data = load_json(body)
     try:
         req = ResponsesRequest.model_validate(data)
     except ValidationError as e:
@@ -113,9 +112,7 @@ def parse_responses_request(body: bytes, max_text_chars: int | None = None) -> C
 
 
 async def prepare_response(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
-    p = await prepare(req, rt)
-    p.kind, p.id = "responses", f"resp_{uuid.uuid4().hex}"
-    return p
+    return await prepare(req, rt, kind="responses")
 
 
 def response_object(

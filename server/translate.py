@@ -102,7 +102,11 @@ def _completion_budget(
     )
 
 
-async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
+ID_PREFIX = {"chat": "chatcmpl-", "text": "cmpl-", "responses": "resp_"}
+
+
+async def prepare(req: ChatCompletionRequest, rt: Runtime, kind: str = "chat") -> PreparedChat:
+    """A chat request (or a Responses-API one, ``kind="responses"``, already expressed as chat) → engine request."""
     model = resolve_model(req.model, rt.served_names)
     unsupported_features(req)
     lm, loop = rt.loaded, asyncio.get_running_loop()
@@ -125,10 +129,10 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime) -> PreparedChat:
         rt.settings.default_max_tokens,
         rt.settings.max_tokens_policy,
     )
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"{ID_PREFIX[kind]}{uuid.uuid4().hex}"
     generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id)
     return PreparedChat(
-        request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from
+        request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from, kind
     )
 
 
@@ -154,7 +158,7 @@ async def prepare_completion(req: CompletionRequest, rt: Runtime) -> PreparedCha
     budget, clamped_from = _completion_budget(
         req, len(ids), rt.engine.max_model_len, rt.settings.default_max_tokens, rt.settings.max_tokens_policy
     )
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = f"{ID_PREFIX['text']}{uuid.uuid4().hex}"
     generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), None, request_id)
     return PreparedChat(
         request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from, "text"
