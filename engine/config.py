@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from quant import LoadedModel
-from quant.estimate import max_context_that_fits, serving_context
+from quant.fit import max_context_that_fits, serving_context
 from quant.precision import precision_name
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ FIT_CANDIDATES = [
     ("nf4", "int8"),
     ("nf4", "nf4"),
 ]
-# Then the low-VRAM rungs (quant.estimate.low_vram_rungs): the vision tower streamed from host memory and the
+# Then the low-VRAM rungs (quant.fit.low_vram_rungs): the vision tower streamed from host memory and the
 # embedding table on the host — vision bf16, then with an nf4 LM head, then vision nf4, then both.
 GB = 1e9
 GIB = 2**30  # --gpu-gb: a card sold as "12 GB" has 12 GiB, and nvidia-smi counts in MiB
@@ -101,8 +101,8 @@ def _gb(n: int) -> str:
 
 def serve_context(est, cfg) -> int:
     """The context `glm4v-edge serve` would pick on this card without --max-model-len: what the memory left after
-    the weights and the CUDA context holds for --batch sequences (quant.estimate.max_context_that_fits)."""
-    from quant.estimate import max_context_that_fits, serving_context
+    the weights and the CUDA context holds for --batch sequences (quant.fit.max_context_that_fits)."""
+    from quant.fit import max_context_that_fits, serving_context
 
     free = est.gpu_bytes - est.gpu_weights_bytes - est.cuda_context_bytes
     fits = max_context_that_fits(
@@ -158,7 +158,7 @@ def describe(
     host_gb: float | None = None,
     best_flags: str | None = None,
 ) -> str:
-    from quant.estimate import HOST_MARGIN_BYTES
+    from quant.fit import HOST_MARGIN_BYTES
 
     d = est.to_dict()
     w, a = d["breakdown"]["weights"], d["breakdown"]["activation"]
@@ -220,14 +220,14 @@ def describe(
 
 def ladder():
     """The configurations "best that fits" tries, most faithful first."""
-    from quant.estimate import Rung, low_vram_rungs
+    from quant.fit import Rung, low_vram_rungs
 
     return [Rung(p, v) for p, v in FIT_CANDIDATES] + low_vram_rungs("bf16")
 
 
 def best_that_fits(gpu_bytes: int, host_gb: float | None, **common):
     """The first rung of :func:`ladder` that fits the GPU (and, with --host-gb, the host); None if none does."""
-    from quant.estimate import HOST_MARGIN_BYTES
+    from quant.fit import HOST_MARGIN_BYTES
 
     for rung in ladder():
         est = rung.estimate(**common)
@@ -309,7 +309,7 @@ def run(args) -> int:
             d["parameters"] = params
             d["config_source"] = source
             if args.host_gb is not None:
-                from quant.estimate import HOST_MARGIN_BYTES
+                from quant.fit import HOST_MARGIN_BYTES
 
                 d["host_gb"] = args.host_gb
                 d["host_fits"] = e.host_bytes + HOST_MARGIN_BYTES <= args.host_gb * GIB

@@ -28,7 +28,8 @@ import torch
 from glm4v.checkpoint import load_config
 from glm4v.config import ChatGLMConfig
 
-from .estimate import HOST_MARGIN_BYTES, LOW_VRAM_OFFLOAD, Estimate, Rung, best_fitting, config_flags, low_vram_rungs
+from .estimate import Estimate, config_flags
+from .fit import HOST_MARGIN_BYTES, LOW_VRAM_OFFLOAD, Rung, best_fitting, low_vram_rungs
 from .precision import device_supports_bf16
 
 log = logging.getLogger(__name__)

@@ -133,7 +133,7 @@ class LoadRequest:
                 lm_head_precision=self.lm_head_precision if self.lm_head_precision else choice.lm_head_precision,
             )
         if request.offload:
-            from .estimate import check_host_memory
+            from .fit import check_host_memory
 
             check_host_memory(request.estimate(config))
         return request

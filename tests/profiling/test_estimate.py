@@ -138,7 +138,8 @@ def test_estimate_reads_a_checkpoint_config(tiny_dir, capsys, load_tiny):
 def test_gpu_gb_reports_the_context_serve_would_pick(capsys):
     """With --gpu-gb the estimate also says what `serve` picks without --max-model-len: the same arithmetic."""
     from glm4v.config import ChatGLMConfig
-    from quant.estimate import CUDA_CONTEXT_BYTES, estimate, max_context_that_fits, serving_context
+    from quant.estimate import CUDA_CONTEXT_BYTES, estimate
+    from quant.fit import max_context_that_fits, serving_context
 
     assert main(["estimate", "--precision", "nf4", "--gpu-gb", "12", "--batch", "8", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -12,7 +12,8 @@ import torch
 import quant.auto
 from glm4v import ChatGLMConfig
 from quant.auto import AutoChoice, choose_auto, choose_for_memory
-from quant.estimate import HOST_MARGIN_BYTES, Rung, check_host_memory, estimate
+from quant.estimate import estimate
+from quant.fit import HOST_MARGIN_BYTES, Rung, check_host_memory
 from quant.request import LoadRequest
 
 GIB = 2**30

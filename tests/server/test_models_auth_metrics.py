@@ -193,7 +193,8 @@ def test_context_is_sized_to_the_memory_left_after_loading(base_settings, load_t
     import pytest
 
     from engine import choose_max_model_len
-    from quant.estimate import estimate, max_context_that_fits
+    from quant.estimate import estimate
+    from quant.fit import max_context_that_fits
 
     lm = load_tiny("nf4")
     s = replace(base_settings, max_model_len=None, max_batch_size=8)
