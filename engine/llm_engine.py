@@ -34,13 +34,14 @@ from dataclasses import dataclass
 import torch
 
 from glm4v.generate import GenerationHooks
-from glm4v.sampling import sample_rows
+from glm4v.sampling import log_probs, sample_rows, token_logprobs
 
 from .config import EngineConfig, choose_max_model_len, compile_mode
 from .model_runner import ModelRunner
 from .requests import EngineStoppedError, Event, GenerationRequest, RequestHandle
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .structured import GrammarCompiler, apply_bitmask, new_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Engine:
         self.hooks = hooks
         self.vocab_size = min(tokenizer.vocab_size, model.config.padded_vocab_size)
         self.device = model.embed_device
+        # Response formats → grammars, compiled and cached in the requests' preparation threads, never on this one.
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, model.config.eos_token_ids)
         self.scheduler = Scheduler(max_batch_size, max_queue)
         # The cache is allocated by the engine thread when it starts (see _loop).
         self.runner = ModelRunner(
@@ -257,7 +260,7 @@ class Engine:
         moved_from = self.scheduler.promote(seq)
         if moved_from is not None:  # rows finished meanwhile: close the gap so running rows stay contiguous
             self.runner.move_row(moved_from, len(self.scheduler.running) - 1)
-        self._postprocess([seq], *sample_rows(logits, [seq.sampler]), first=True)
+        self._postprocess([seq], *self._sample([seq], logits), first=True)
 
     def _decode_step(self) -> None:
         seqs = list(self.scheduler.running)
@@ -269,20 +272,50 @@ class Engine:
                 s.fail(e)
             self.scheduler.running = []
             return
-        self._postprocess(seqs, *sample_rows(logits, [s.sampler for s in seqs]), first=False)
+        self._postprocess(seqs, *self._sample(seqs, logits), first=False)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list, list]:
+        """(B, V') logits → per row: token, error, logprob entry (or None).
+
+        Log-probs come from the raw logits (the model's distribution); then each constrained row gets its grammar's
+        mask (computed on the host while a GPU is still busy with the forward), applied in one op to those rows only;
+        rows without a grammar or logprobs pay nothing extra. A matcher that fails fails its row alone."""
+        errors: list[Exception | None] = [None] * len(seqs)
+        want_lp = [i for i, s in enumerate(seqs) if s.sampler.params.logprobs is not None]
+        lp = log_probs(logits, want_lp, self.vocab_size) if want_lp else None
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            bitmask = new_bitmask(len(constrained), self.vocab_size)
+            for j, i in enumerate(constrained):
+                try:
+                    seqs[i].matcher.fill_bitmask(bitmask, j)
+                except Exception as e:
+                    errors[i] = e
+            apply_bitmask(logits, bitmask, constrained)
+        tokens, sample_errors = sample_rows(logits, [s.sampler for s in seqs])
+        errors = [e or se for e, se in zip(errors, sample_errors, strict=True)]
+        entries: list = [None] * len(seqs)
+        if want_lp:
+            ok = [i for i in want_lp if errors[i] is None]
+            rows = [want_lp.index(i) for i in ok]
+            if ok:
+                got = token_logprobs(lp[rows], [tokens[i] for i in ok], [seqs[i].sampler.params.logprobs for i in ok])
+                for i, entry in zip(ok, got, strict=True):
+                    entries[i] = entry
+        return tokens, errors, entries
 
     def _postprocess(
-        self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None], first: bool
+        self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None], logprobs: list, first: bool
     ) -> None:
         """Stream each row's token; a row that finished or failed leaves (failing ends that request alone)."""
         now = time.perf_counter()
         self._hook("first_token" if first else "token")
         leaving = []
-        for seq, tok, err in zip(seqs, tokens, errors, strict=True):
+        for seq, tok, err, lp in zip(seqs, tokens, errors, logprobs, strict=True):
             try:
                 if err is not None:
                     raise err
-                if seq.accept_token(tok, first, now):
+                if seq.accept_token(tok, first, now, lp):
                     leaving.append(seq)
             except Exception as e:  # its sampler, stop handling or detokenizer: this request's problem alone
                 log.warning("request %s failed: %s: %s", seq.handle.request_id, type(e).__name__, e)

@@ -12,11 +12,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from glm4v.chat_template import expanded_length
-from glm4v.sampling import SamplingParams
+from glm4v.sampling import SamplingParams, TokenLogprob
 
 
 class QueueFullError(RuntimeError):
@@ -33,6 +34,7 @@ class GenerationRequest:
     params: SamplingParams
     pixel_values: torch.Tensor | None = None  # (3, N, N) normalized
     request_id: str = ""
+    matcher: Any = None  # engine.structured.Matcher: this request's own grammar state (response_format), or None
 
     def cache_entries(self, image_tokens: int) -> int:
         """Cache entries the prompt occupies: the image's 3 placeholder tokens become ``image_tokens`` entries."""
@@ -46,6 +48,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per entry of token_ids, when the request asked for them
 
 
 @dataclass

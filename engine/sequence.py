@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from glm4v.generate import stop_token_ids
-from glm4v.sampling import Sampler
+from glm4v.sampling import Sampler, TokenLogprob
 from glm4v.text_stream import TextStream
 
 from .requests import Event, RequestHandle
@@ -27,6 +28,7 @@ class Sequence:
     max_new: int
     generated: int = 0
     last_token: int = -1
+    matcher: Any = None  # engine.structured.Matcher when the request is constrained by a grammar
     # prefill state
     vision_x: torch.Tensor | None = None  # (1, 1 + g², C) ViT hidden state while the image is being encoded
     vision_layers_done: int = 0
@@ -45,15 +47,19 @@ class Sequence:
             stream=TextStream(tokenizer, p.stop),
             stops=stop_token_ids(model, p),
             max_new=min(p.max_new_tokens, max_model_len - handle.prompt_tokens),
+            matcher=req.matcher,
         )
 
     @property
     def request(self):
         return self.handle.request
 
-    def accept_token(self, tok: int, first: bool, now: float) -> bool:
-        """Record and stream one sampled token; True when the sequence has finished."""
+    def accept_token(self, tok: int, first: bool, now: float, logprob: TokenLogprob | None = None) -> bool:
+        """Record and stream one sampled token; True when the sequence has finished. A grammar that refuses the
+        token raises (the engine fails this sequence alone)."""
         h = self.handle
+        if self.matcher is not None:
+            self.matcher.accept(tok)
         if first:
             h.timings.first_token = now
         h.timings.token_times.append(now)
@@ -62,18 +68,19 @@ class Sequence:
         self.last_token = tok
         reason = None
         if h.cancelled:
-            reason = "cancelled"
-            text = ""
+            reason, text, logprob = "cancelled", "", None
         elif tok in self.stops:
-            reason, text = "stop", self.stream.finish()
+            reason, text, logprob = "stop", self.stream.finish(), None  # the stop token is not part of the answer
         else:
             text, hit = self.stream.push(tok)
             if hit:
                 reason = "stop"
+            elif self.matcher is not None and self.matcher.stopped:  # the grammar is complete: nothing may follow
+                reason, text = "stop", text + self.stream.finish()
             elif self.generated >= self.max_new:
                 reason, text = "length", text + self.stream.finish()
-        if text or reason is None:
-            h._emit(Event("delta", text=text, token_ids=[tok]))
+        if text or reason is None or logprob is not None:
+            h._emit(Event("delta", text=text, token_ids=[tok], logprobs=None if logprob is None else [logprob]))
         if reason is not None:
             h.finish_reason = reason
             h.timings.finished = now

@@ -34,6 +34,7 @@ GREEDY_TEMPERATURE = 1e-4
 # insists on it), and beyond it ordinary logits overflow to inf or underflow to 0. The API accepts any value > 0.
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 INVALID_TOKEN = -1  # sample_rows' token for a row that failed
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 _F32 = torch.finfo(torch.float32)
 
@@ -55,6 +56,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's eos ids
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k = the sampled token's logprob and the k most likely (0 … 20)
 
     def __post_init__(self):
         # Written as `not (x in range)` so NaN is refused too.
@@ -70,6 +72,8 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -209,3 +213,31 @@ def sample_batch(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
         if e is not None:
             raise e
     return tokens
+
+
+@dataclass
+class TokenLogprob:
+    """The model's log-probability of a chosen token and of the ``k`` most likely ones at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first
+
+
+def log_probs(logits: torch.Tensor, rows: list[int], vocab_size: int) -> torch.Tensor:
+    """(B, V') raw logits → (len(rows), vocab_size) float32 log-softmax of those rows: the model's own distribution
+    over the tokenizer's vocabulary, before temperature, penalties or a grammar mask (vLLM's ``raw_logprobs``)."""
+    return torch.log_softmax(logits[rows, :vocab_size].float(), dim=-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """(R, V) log-probs (:func:`log_probs`), the token chosen in each row and how many alternatives each row wants
+    → one :class:`TokenLogprob` per row; top lists sorted, most likely first."""
+    idx = torch.tensor(tokens, device=logprobs.device).clamp(min=0)[:, None]
+    chosen = logprobs.gather(1, idx)[:, 0].tolist()
+    k = max(ks, default=0)
+    top_v, top_i = ([], []) if k == 0 else (t.tolist() for t in torch.topk(logprobs, k, dim=-1, sorted=True))
+    return [
+        TokenLogprob(tok, lp, list(zip(top_i[r][: ks[r]], top_v[r][: ks[r]], strict=True)) if k else [])
+        for r, (tok, lp) in enumerate(zip(tokens, chosen, strict=True))
+    ]

@@ -13,6 +13,7 @@ import sys
 
 from profiling import estimate_cli, eval_cli, gpu_check, profile_cli, report_cli
 from profiling.bench import decode as bench_decode
+from profiling.bench import grammar as bench_grammar
 from profiling.bench import serve_cli as bench_serve
 
 from . import __version__, chat, info, make_tiny, serve
@@ -29,6 +30,7 @@ COMMANDS = {
     "report": (report_cli, "join profile and eval results into the memory-versus-quality table"),
     "bench-serve": (bench_serve, "load-test any OpenAI-compatible server: TTFT, TPOT, ITL, throughput"),
     "bench-decode": (bench_decode, "time the decode step alone: ordinary, fixed-shape and --compile"),
+    "bench-grammar": (bench_grammar, "measure the structured-output grammar engines: mask time per step, compile time"),
     "gpu-check": (gpu_check, "every GPU claim measured in one budgeted run on a bare GPU box (docs/GPU.md)"),
 }
 

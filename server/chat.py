@@ -36,6 +36,7 @@ from .protocol import (
 from .reader import CLIENT_CLOSED, ClientGone, EventReader, TimedOut, deadline, engine_error, submit
 from .responses import response_events, response_object
 from .runtime import Runtime
+from .structured import logprob_entries
 from .translate import PreparedChat
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,13 @@ async def complete(p: PreparedChat, rt: Runtime, request: Request, arrived: floa
     """One JSON answer: a chat completion, a text completion or a Responses-API response (``p.kind``)."""
     reader = EventReader(rt, submit(rt, p), request, deadline(rt, arrived))
     parts: list[str] = []
+    entries: list = []
     try:
         while True:
             ev = await reader.next()
             if ev.kind == "delta":
                 parts.append(ev.text)
+                entries.extend(ev.logprobs or ())
             elif ev.kind == "finish":
                 reader.outcome = ev.finish_reason
                 break
@@ -75,7 +78,13 @@ async def complete(p: PreparedChat, rt: Runtime, request: Request, arrived: floa
         created=p.created,
         model=p.model,
         system_fingerprint=rt.system_fingerprint,
-        choices=[Choice(message=AssistantMessage(content="".join(parts)), finish_reason=reader.outcome)],
+        choices=[
+            Choice(
+                message=AssistantMessage(content="".join(parts)),
+                logprobs=_logprobs(p, rt, entries),
+                finish_reason=reader.outcome,
+            )
+        ],
         usage=Usage.of(h.prompt_tokens, h.completion_tokens),
     )
     return JSONResponse(body.model_dump(), headers=p.headers)
@@ -106,6 +115,12 @@ async def stream(p: PreparedChat, rt: Runtime, request: Request, arrived: float)
     return sse.EventStreamResponse(events, on_close=reader.close, headers=p.headers)
 
 
+def _logprobs(p: PreparedChat, rt: Runtime, entries: list) -> dict | None:
+    if p.generation.params.logprobs is None:
+        return None
+    return {"content": logprob_entries(rt.loaded.tokenizer, entries), "refusal": None}
+
+
 def _text_completion(p: PreparedChat, rt: Runtime, text: str | None, finish_reason, handle=None) -> dict:
     """A ``text_completion`` object (whole or a stream chunk; a chunk without choices carries the usage)."""
     choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
@@ -123,12 +138,17 @@ def _text_completion(p: PreparedChat, rt: Runtime, text: str | None, finish_reas
 
 
 async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):
-    def chunk(delta: Delta | None = None, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+    def chunk(
+        delta: Delta | None = None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        logprobs: dict | None = None,
+    ) -> str:
         if p.kind == "text":
             if delta is None:  # the usage chunk
                 return sse.event({**_text_completion(p, rt, None, None), "usage": usage.model_dump()})
             return sse.event(_text_completion(p, rt, delta.content or "", finish_reason))
-        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        choices = [] if delta is None else [ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)]
         return sse.chunk_event(
             ChatCompletionChunk(
                 id=p.id,
@@ -146,7 +166,9 @@ async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):
             yield chunk(Delta(role="assistant", content=""))
         while True:
             if ev.kind == "delta":
-                if ev.text:
+                if ev.logprobs and p.kind == "chat":  # a chunk per token: text held back still shows its token
+                    yield chunk(Delta(content=ev.text), logprobs=_logprobs(p, rt, ev.logprobs))
+                elif ev.text:
                     yield chunk(Delta(content=ev.text))
             elif ev.kind == "finish":
                 reader.outcome = ev.finish_reason

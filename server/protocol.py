@@ -3,7 +3,7 @@
 Request models accept unknown fields (``extra="allow"``) and ignore them: clients add fields every month
 (``stream_options``, ``user``, ``store``, ``metadata`` …) and a server that 422s on them breaks the official SDK,
 LangChain and Dify (openai-agents-python#442, langchainjs#6533). Fields we know but cannot honour (``n > 1``,
-``logprobs``, ``tools`` …) are answered with a clear 400 by :func:`unsupported_features`, never silently dropped.
+``tools``, ``logit_bias`` …) are answered with a clear 400 by :func:`unsupported_features`, never silently dropped.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -219,8 +219,8 @@ def unsupported_features(req: ChatCompletionRequest) -> None:
     """400 for options that would otherwise be silently wrong (GLM-4V-9B has no tool calls; one sample per call)."""
     if req.n is not None and req.n > 1:
         raise BadRequest("n > 1 is not supported: send one request per sample", param="n")
-    if req.logprobs or req.top_logprobs:
-        raise BadRequest("logprobs are not supported by this server", param="logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     if req.logit_bias:
         raise BadRequest("logit_bias is not supported by this server", param="logit_bias")
     if req.tools or req.functions:
@@ -230,8 +230,6 @@ def unsupported_features(req: ChatCompletionRequest) -> None:
             )
     elif req.tool_choice not in (None, "none", "auto"):
         raise BadRequest("tool_choice names a tool, but GLM-4V-9B does not support tool calls", param="tool_choice")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise BadRequest("only response_format {'type': 'text'} is supported", param="response_format")
     if len(req.stop_list) > MAX_STOP_STRINGS:
         raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
     if any(len(s) > MAX_STOP_CHARS for s in req.stop_list):
@@ -261,7 +259,7 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [...], "refusal": None} when asked for
     finish_reason: str
 
 
@@ -283,7 +281,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
 
 

@@ -3,8 +3,9 @@
 
 Accepted: ``input`` as a string or message items (``role`` + ``content`` as a string or ``input_text`` /
 ``input_image`` / ``output_text`` parts), ``instructions`` (a system message), ``max_output_tokens``,
-``temperature``/``top_p``, ``stream``. Stateless: nothing is stored (``store`` is answered ``false``), so
-``previous_response_id`` is a 400; tools and non-text output formats are a 400 (GLM-4V-9B has no tool calling).
+``temperature``/``top_p``, ``stream``, and ``text.format`` (``json_object`` / ``json_schema``, as chat completions'
+``response_format``: :mod:`server.structured`). Stateless: nothing is stored (``store`` is answered ``false``), so
+``previous_response_id`` is a 400; tools are a 400 (GLM-4V-9B has no tool calling).
 Streaming sends the documented event sequence — ``response.created``, ``response.in_progress``,
 ``response.output_item.added``, ``response.content_part.added``, ``response.output_text.delta`` …,
 ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``, ``response.completed``
@@ -24,6 +25,7 @@ from .errors import BadRequest, validation_message
 from .protocol import ChatCompletionRequest, _Lenient, check_size, load_json
 from .reader import ClientGone, TimedOut, engine_error
 from .runtime import Runtime
+from .structured import grammar_spec
 from .translate import PreparedChat, prepare
 
 ROLES = ("user", "system", "developer", "assistant")
@@ -67,9 +69,13 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         )
     if req.tools:
         raise BadRequest("GLM-4V-9B does not support tool calls; remove 'tools'", param="tools")
-    fmt = ((req.text or {}).get("format") or {}).get("type", "text")
-    if fmt != "text":
-        raise BadRequest("only text.format {'type': 'text'} is supported", param="text.format")
+    fmt = (req.text or {}).get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise BadRequest("text.format must be an object", param="text.format")
+    response_format = fmt
+    if fmt.get("type") == "json_schema":  # the Responses API puts name/schema/strict beside type
+        response_format = {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+    grammar_spec(response_format, param="text.format")  # a bad format is a 400 naming text.format
     messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
     if isinstance(req.input, str):
         messages.append({"role": "user", "content": req.input})
@@ -91,6 +97,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
         "temperature": req.temperature,
         "top_p": req.top_p,
         "stream": req.stream,
+        "response_format": response_format,
     }
     try:
         return ChatCompletionRequest.model_validate(data)
@@ -138,7 +145,7 @@ def response_object(
         "top_p": params.top_p,
         "tool_choice": "none",
         "tools": [],
-        "text": {"format": {"type": "text"}},
+        "text": {"format": _text_format(p.response_format)},
         "store": False,
         "usage": None,
     }
@@ -151,6 +158,15 @@ def response_object(
             "total_tokens": handle.prompt_tokens + handle.completion_tokens,
         }
     return body
+
+
+def _text_format(response_format: dict | None) -> dict:
+    """The chat-form response_format back in the Responses API's ``text.format`` shape."""
+    if not response_format:
+        return {"type": "text"}
+    if response_format.get("type") == "json_schema":
+        return {"type": "json_schema", **response_format.get("json_schema", {})}
+    return response_format
 
 
 def _message(p: PreparedChat, text: str, status: str) -> dict:

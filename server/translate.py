@@ -18,6 +18,7 @@ from .conversation import build_conversation
 from .errors import APIError, BadRequest, ContextLengthExceeded, ModelNotFound
 from .protocol import ChatCompletionRequest, CompletionRequest, unsupported_features
 from .runtime import Runtime
+from .structured import grammar_spec, prepare_matcher
 
 
 @dataclass
@@ -29,7 +30,8 @@ class PreparedChat:
     include_usage: bool
     generation: GenerationRequest
     clamped_from: int | None = None  # max_tokens the client asked for, when --max-tokens-policy clamp lowered it
-    kind: str = "chat"  # "chat" (/v1/chat/completions) | "text" (/v1/completions)
+    kind: str = "chat"  # "chat" (/v1/chat/completions) | "text" (/v1/completions) | "responses"
+    response_format: dict | None = None  # as the client sent it (the Responses API echoes it back)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -71,6 +73,7 @@ def _sampling(req: ChatCompletionRequest, max_new_tokens: int, defaults: dict) -
             seed=req.seed,
             stop=req.stop_list,
             ignore_eos=req.ignore_eos,
+            logprobs=(req.top_logprobs or 0) if isinstance(req, ChatCompletionRequest) and req.logprobs else None,
         )
     except ValueError as e:
         raise BadRequest(str(e)) from None
@@ -109,6 +112,9 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime, kind: str = "chat") -
     """A chat request (or a Responses-API one, ``kind="responses"``, already expressed as chat) → engine request."""
     model = resolve_model(req.model, rt.served_names)
     unsupported_features(req)
+    spec = grammar_spec(req.response_format)
+    schema_param = "text.format.schema" if kind == "responses" else "response_format.json_schema.schema"
+    matcher = await prepare_matcher(rt, spec, schema_param)  # a bad schema fails before any image is fetched
     lm, loop = rt.loaded, asyncio.get_running_loop()
     conv = await loop.run_in_executor(rt.pool, build_conversation, req.messages, rt.settings.multi_image)
     pixel_values = None
@@ -130,9 +136,19 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime, kind: str = "chat") -
         rt.settings.max_tokens_policy,
     )
     request_id = f"{ID_PREFIX[kind]}{uuid.uuid4().hex}"
-    generation = GenerationRequest(ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id)
+    generation = GenerationRequest(
+        ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id, matcher=matcher
+    )
     return PreparedChat(
-        request_id, int(time.time()), model, bool(req.stream), req.include_usage, generation, clamped_from, kind
+        request_id,
+        int(time.time()),
+        model,
+        bool(req.stream),
+        req.include_usage,
+        generation,
+        clamped_from,
+        kind,
+        req.response_format,
     )
 
 

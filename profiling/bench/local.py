@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .http_load import benchmark_http
 from .results import RequestResult, fmt_ms, level_summary, markdown
-from .workload import build_bodies
+from .workload import build_bodies, response_format
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,14 @@ def bench_plain(lm, inputs, args) -> dict:
 def bench_engine(lm, engine, inputs, args, concurrency: int) -> dict:
     from engine import GenerationRequest
 
+    fmt = response_format(args)
+    spec = None if fmt is None else {"type": "json_schema", "schema": fmt["json_schema"]["schema"]}
+
     def one(item):
         ids, data = item
         start = time.perf_counter()
-        h = engine.submit(GenerationRequest(ids, _params(args), _pixels(lm, data)))
+        matcher = None if spec is None else engine.grammars.compile(spec).matcher()  # as the server's preparation
+        h = engine.submit(GenerationRequest(ids, _params(args), _pixels(lm, data), matcher=matcher))
         times = []
         for ev in h:
             if ev.kind == "delta":

@@ -43,6 +43,12 @@ def add_arguments(p) -> None:
     p.add_argument("--image-side", type=int, default=512, help="side of synthetic images in pixels (default 512)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="approximate prompt length in words (default 128)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="every request asks for JSON valid against this JSON Schema (response_format json_schema): the cost of "
+        "constrained decoding (without --base-url: the engine and HTTP rows; the plain loop stays unconstrained)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="(without --base-url) checkpoint folder; default the tiny demo checkpoint")

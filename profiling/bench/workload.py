@@ -1,5 +1,6 @@
 """The requests a benchmark sends: synthetic prompts of a given length, random-noise or file images, as OpenAI
-chat-completion bodies (streaming, usage included, ``ignore_eos`` so every request produces ``max_tokens``)."""
+chat-completion bodies (streaming, usage included, ``ignore_eos`` so every request produces ``max_tokens`` — or,
+with ``--json-schema``, until its grammar is complete)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,19 @@ def file_image_url(path: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+def response_format(args) -> dict | None:
+    """``--json-schema FILE`` → the ``response_format`` every request sends (None without it)."""
+    import json
+
+    if not getattr(args, "json_schema", None):
+        return None
+    schema = json.loads(Path(args.json_schema).read_text())
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema, "strict": True}}
+
+
 def build_bodies(args, n: int, offset: int) -> list[dict]:
     bodies = []
+    fmt = response_format(args)
     for i in range(n):
         seed = offset + i
         content = [{"type": "text", "text": synthetic_prompt(args.prompt_tokens, seed)}]
@@ -58,4 +70,6 @@ def build_bodies(args, n: int, offset: int) -> list[dict]:
                 "ignore_eos": True,  # vLLM's extension, also ours: every request produces max_tokens
             }
         )
+        if fmt is not None:
+            bodies[-1]["response_format"] = fmt
     return bodies

@@ -56,6 +56,33 @@ def test_http_benchmark_against_a_real_server(base_settings, tiny_fp32):
         assert lv["output_tokens_per_s"] > 0 and lv["request_throughput"] > 0
 
 
+def test_json_schema_constrains_every_request(base_settings, tiny_fp32, tmp_path):
+    """--json-schema: each request sends the schema; a grammar that ends after '"x"' ends every answer there, despite
+    ignore_eos (without the schema each request would produce max_tokens)."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"const": "x"}))
+    with serve(base_settings, tiny_fp32) as srv:
+        levels = benchmark_http(_args(concurrency=[2], json_schema=str(schema), max_tokens=20), srv.url)
+    lv = levels[0]
+    assert lv["completed"] == 3 and lv["failed"] == 0
+    want = len(tiny_fp32.tokenizer.encode('"x"'))
+    assert lv["output_tokens"] <= 3 * want < 3 * 20
+
+
+def test_bench_grammar_measures_llguidance(tmp_path, capsys):
+    out = tmp_path / "bg"
+    args = ["bench-grammar", "--tokenizer", str(tmp_path / "absent"), "--engines", "llguidance", "--batch", "1,2"]
+    assert main([*args, "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert "tiny checkpoint" in result["tokenizer"]
+    (row,) = result["engines"]
+    assert row["engine"] == "llguidance" and row["compile_s"] > 0
+    assert set(row["batches"]) == {"1", "2"} and all(
+        b["steps"] > 50 and b["fill_ms_mean"] > 0 for b in row["batches"].values()
+    )
+    assert "| llguidance |" in (out / "results.md").read_text()
+
+
 def test_http_benchmark_counts_failures_instead_of_crashing(base_settings, tiny_fp32):
     with serve(base_settings, tiny_fp32) as srv:
         levels = benchmark_http(_args(model_name="no-such-model", concurrency=[2]), srv.url)

@@ -13,6 +13,13 @@ from ..support import data_url, png_bytes, user_with_image
 GOOD = {"model": "glm-4v-9b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+def _deep(n: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(n):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 def msg(content) -> dict:
     return {"model": "glm-4v-9b", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
 
@@ -97,9 +104,18 @@ CASES = [
         "no room",
     ),
     ("n2", {**GOOD, "n": 2}, 400, None, "n", "n > 1"),
-    ("logprobs", {**GOOD, "logprobs": True}, 400, None, "logprobs", ""),
+    ("top-logprobs-alone", {**GOOD, "top_logprobs": 2}, 400, None, "top_logprobs", "logprobs: true"),
+    ("top-logprobs-21", {**GOOD, "logprobs": True, "top_logprobs": 21}, 400, None, "top_logprobs", ""),
     ("tools", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools", "tool"),
-    ("json-mode", {**GOOD, "response_format": {"type": "json_object"}}, 400, None, "response_format", ""),
+    ("regex-format", {**GOOD, "response_format": {"type": "regex"}}, 400, None, "response_format.type", "regex"),
+    (
+        "deep-schema",
+        {**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _deep(200)}}},
+        400,
+        None,
+        "response_format.json_schema.schema",
+        "nested",
+    ),
     ("seventeen-stops", {**GOOD, "stop": [f"s{i}" for i in range(17)]}, 400, None, "stop", "at most 16"),
     ("long-stop", {**GOOD, "stop": ["x" * 257]}, 400, None, "stop", "256 characters"),
     ("hot", {**GOOD, "temperature": 5}, 400, None, "temperature", ""),

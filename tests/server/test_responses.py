@@ -69,7 +69,7 @@ def test_stream_sends_the_documented_event_sequence(api):
     [
         ({"previous_response_id": "resp_x"}, "previous_response_id"),
         ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"text": {"format": {"type": "regex"}}}, "text.format.type"),
     ],
 )
 def test_stateless_refusals_are_clear_400s(api, extra, param):
