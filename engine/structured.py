@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 # Per-grammar bounds (llguidance's LLParserLimits). Fuel is llguidance's unit of lexer work: ~50k/ms to build, so the
@@ -105,14 +106,20 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
-def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """(B, W) int32 bitmask on the host → (B, V) bool on ``device``."""
+def blocked_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, W) int32 bitmask on the host → (B, V) bool on ``device``, True where a token is *not* allowed.
+
+    On a CPU numpy's ``unpackbits`` does it in one pass (~13 µs a row); on a GPU the 19 KB words are uploaded and
+    unpacked there (shifts), rather than uploading 151 KB of unpacked bits a row."""
+    if device.type == "cpu":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab_size]
+        return torch.from_numpy(bits ^ 1).view(torch.bool)
     shifts = _SHIFTS.get(device)
     if shifts is None:
         shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
     words = bitmask.to(device, non_blocking=True)
     bits = (words.unsqueeze(-1) >> shifts) & 1  # (B, W, 32), little-endian within a word
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size] == 0
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> None:
@@ -123,13 +130,13 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] |
     A finite floor rather than -inf: the sampler tells a model's numerical overflow (non-finite logits, an error for
     that row) from a choice; after the softmax the floor is exactly 0, so a masked token is never sampled."""
     vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
-    allowed = allowed_tokens(bitmask, vocab, logits.device)
+    blocked = blocked_tokens(bitmask, vocab, logits.device)
     floor = torch.finfo(logits.dtype).min
-    if rows is None:
-        logits[:, :vocab].masked_fill_(~allowed, floor)
+    if rows is None or list(rows) == list(range(logits.shape[0])):
+        logits[:, :vocab].masked_fill_(blocked, floor)
         return
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx, :vocab] = logits[idx, :vocab].masked_fill(~allowed, floor)
+    for j, i in enumerate(rows):  # in place, row by row: no gather/scatter copies of the other rows
+        logits[i, :vocab].masked_fill_(blocked[j], floor)
 
 
 class Matcher:

@@ -252,7 +252,7 @@ def measure(engine: str, tok, batches: list[int], repeats: int) -> dict:
                 t0 = time.perf_counter()
                 eng.fill([m for _, m in live], bitmask)
                 t1 = time.perf_counter()
-                apply_bitmask(logits[: len(live)], bitmask[: len(live)])
+                apply_bitmask(logits, bitmask[: len(live)], [i for i, _ in live])  # as the engine does
                 t2 = time.perf_counter()
                 for i, m in live:
                     want = rows[i][step]
