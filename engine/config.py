@@ -28,6 +28,8 @@ class EngineConfig:
     prefill_chunk: int = 512
     vision_layers_per_step: int = 8
     compile: str = "off"  # off | reduce-overhead | cudagraphs | default (engine.cuda_graphs.COMPILE_MODES); GPU only
+    prefix_cache: bool = True  # keep finished rows for prefix reuse (engine.prefix_cache)
+    image_cache_mb: float = 256  # image-feature cache in host memory; 0 = off
 
 
 def compile_mode(requested: str, device: torch.device) -> str | None:

@@ -38,6 +38,7 @@ from glm4v.sampling import log_probs, sample_rows, token_logprobs
 
 from .config import EngineConfig, choose_max_model_len, compile_mode
 from .model_runner import ModelRunner
+from .prefix_cache import ImageFeatureCache, PrefixCache, RowRecord
 from .requests import EngineStoppedError, Event, GenerationRequest, RequestHandle
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -55,6 +56,15 @@ class EngineStats:
     max_model_len: int
     requests_total: int
     kv_cache_bytes: int
+    # engine.prefix_cache: the image-feature cache and prefix reuse (counters since start)
+    image_cache_hits: int = 0
+    image_cache_misses: int = 0
+    image_cache_bytes: int = 0
+    image_cache_entries: int = 0
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_reused_tokens: int = 0
+    prefix_kept_rows: int = 0
 
 
 class Engine:
@@ -69,10 +79,14 @@ class Engine:
         vision_layers_per_step: int = 8,
         decode_graphs: str | None = None,
         hooks: GenerationHooks | None = None,
+        prefix_cache: bool = True,
+        image_cache_mb: float = 256,
     ):
         """``decode_graphs``: None decodes with the ordinary forward; a :data:`engine.cuda_graphs.COMPILE_MODES`
         key compiles the fixed-shape decode step per batch bucket before serving (``--compile``); "static" runs that
-        step uncompiled. A compile that fails logs why and falls back to the ordinary forward."""
+        step uncompiled. A compile that fails logs why and falls back to the ordinary forward. ``prefix_cache``
+        keeps finished rows for prefix reuse; ``image_cache_mb`` bounds the image-feature cache (0 = off); see
+        :mod:`engine.prefix_cache`."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -84,9 +98,18 @@ class Engine:
         # Response formats → grammars, compiled and cached in the requests' preparation threads, never on this one.
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, model.config.eos_token_ids)
         self.scheduler = Scheduler(max_batch_size, max_queue)
+        self.image_cache = ImageFeatureCache(int(image_cache_mb * 2**20))
+        self.prefix = PrefixCache(prefix_cache)
         # The cache is allocated by the engine thread when it starts (see _loop).
         self.runner = ModelRunner(
-            model, max_batch_size, self.max_model_len, prefill_chunk, vision_layers_per_step, decode_graphs, hooks
+            model,
+            max_batch_size,
+            self.max_model_len,
+            prefill_chunk,
+            vision_layers_per_step,
+            decode_graphs,
+            hooks,
+            image_cache=self.image_cache,
         )
         self.kv_cache_bytes = self.runner.kv_cache_bytes
         self._cv = threading.Condition()
@@ -110,6 +133,8 @@ class Engine:
             vision_layers_per_step=config.vision_layers_per_step,
             decode_graphs=compile_mode(config.compile, lm.device),
             hooks=hooks,
+            prefix_cache=config.prefix_cache,
+            image_cache_mb=config.image_cache_mb,
         )
 
     # ---- public API (any thread) ----------------------------------------------------------------------------
@@ -127,9 +152,11 @@ class Engine:
         return self
 
     def prompt_tokens(self, request: GenerationRequest) -> int:
-        if request.pixel_values is None:
+        if not request.has_image:
             return len(request.prompt_ids)
-        return request.cache_entries(self.model.config.vision.image_tokens(request.pixel_values.shape[-1]))
+        if request.image_features is not None:
+            return request.cache_entries(request.image_features.shape[0])
+        return request.cache_entries(self.model.config.vision.image_tokens(request.vision_size))
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises QueueFullError / EngineStoppedError / ValueError (does not fit the context)."""
@@ -160,6 +187,14 @@ class Engine:
                 max_model_len=self.max_model_len,
                 requests_total=self.requests_total,
                 kv_cache_bytes=self.kv_cache_bytes,
+                image_cache_hits=self.image_cache.hits,
+                image_cache_misses=self.image_cache.misses,
+                image_cache_bytes=self.image_cache.bytes,
+                image_cache_entries=len(self.image_cache),
+                prefix_hits=self.prefix.hits,
+                prefix_misses=self.prefix.misses,
+                prefix_reused_tokens=self.prefix.reused_tokens,
+                prefix_kept_rows=len(self.prefix.kept),
             )
 
     def compile_status(self) -> dict | None:
@@ -234,6 +269,7 @@ class Engine:
             seq.fail(err)
         self.scheduler.clear()
         self.runner.reset_row()
+        self.prefix.drop()
         self.runner.after_error(err)
 
     def _prefill_step(self) -> None:
@@ -244,9 +280,8 @@ class Engine:
             seq.cancel()
             return
         if seq.row < 0:
-            seq.row = self.scheduler.next_free_row()
             seq.handle.timings.started = time.perf_counter()
-            self.runner.reset_row(seq.row)
+            self._claim_row(seq)
         try:
             logits = self.runner.prefill_unit(seq)
         except Exception as e:
@@ -259,7 +294,7 @@ class Engine:
             return
         moved_from = self.scheduler.promote(seq)
         if moved_from is not None:  # rows finished meanwhile: close the gap so running rows stay contiguous
-            self.runner.move_row(moved_from, len(self.scheduler.running) - 1)
+            self._swap(moved_from, len(self.scheduler.running) - 1)
         self._postprocess([seq], *self._sample([seq], logits), first=True)
 
     def _decode_step(self) -> None:
@@ -323,7 +358,56 @@ class Engine:
                 seq.fail(e)
                 leaving.append(seq)
         for seq in leaving:
-            self.runner.move_row(*self.scheduler.remove(seq))
+            self._leave(seq)
+
+    # ---- rows: prefix reuse (engine.prefix_cache) -------------------------------------------------------------
+    def _record(self, req, tokens: list[int]) -> RowRecord:
+        boi = self.model.config.boi_token_id
+        has_image = req.has_image and boi in req.prompt_ids
+        return RowRecord(
+            tokens,
+            image_key=req.image_key if has_image else None,
+            boi=req.prompt_ids.index(boi) if has_image else None,
+            image_entries=self.prompt_tokens(req) - len(req.prompt_ids) + 3 if has_image else 0,
+        )
+
+    def _claim_row(self, seq: Sequence) -> None:
+        """Give a new prefill its row: a kept row holding the longest prefix of its prompt (truncated to it, and
+        only the rest is prefilled), else an empty or the least recently used kept row."""
+        req = seq.request
+        free = [r for r in range(len(self.scheduler.running), self.max_batch_size)]
+        want = self._record(req, req.prompt_ids)
+        seq.row, seq.reused_tokens = self.prefix.claim(free, want)
+        if seq.reused_tokens:
+            seq.handle.cached_tokens = want.entries(seq.reused_tokens)
+            self.runner.reuse_row(seq.row, seq.handle.cached_tokens, seq.reused_tokens)
+        else:
+            self.runner.reset_row(seq.row)
+        seq.image_features = req.image_features
+        if seq.image_features is None and req.has_image and self.runner.image_in_suffix(seq):
+            seq.image_features = self.image_cache.get(req.image_key)
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange two rows; a kept row's contents travel with it (without prefix reuse: a plain move)."""
+        if a == b:
+            return
+        if self.prefix.enabled:
+            self.runner.swap_rows(a, b)
+            self.prefix.swapped(a, b)
+        else:
+            self.runner.move_row(a, b)
+
+    def _leave(self, seq: Sequence) -> None:
+        """A finished or failed sequence leaves the running rows; the last running row fills its hole, and a
+        finished one's row is kept for prefix reuse (it holds the prompt and every generated token but the last)."""
+        last, hole = self.scheduler.remove(seq)
+        self._swap(last, hole)  # the finished row's contents end up in row `last`, now outside the running rows
+        if not self.prefix.enabled or seq.handle.finish_reason in (None, "error"):
+            self.runner.reset_row(last)
+            self.prefix.drop(last)
+            return
+        req = seq.request
+        self.prefix.keep(last, self._record(req, req.prompt_ids + seq.output_ids[:-1]))
 
     def _hook(self, name: str) -> None:
         if self.hooks is not None:

@@ -32,8 +32,10 @@ class ModelRunner:
         vision_layers_per_step: int,
         decode_graphs: str | None,
         hooks: GenerationHooks | None = None,
+        image_cache=None,
     ):
         self.model = model
+        self.image_cache = image_cache  # engine.prefix_cache.ImageFeatureCache, filled when an image is encoded
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.prefill_chunk = prefill_chunk
@@ -105,6 +107,13 @@ class ModelRunner:
             self.cache.move_row(src, dst)
         self.cache.reset(src)
 
+    def swap_rows(self, a: int, b: int) -> None:
+        self.cache.swap_rows(a, b)
+
+    def reuse_row(self, row: int, entries: int, next_position: int) -> None:
+        """Start a prefill on a kept row: keep its first ``entries`` entries (a reused prefix)."""
+        self.cache.truncate(row, entries, next_position)
+
     # ---- prefill --------------------------------------------------------------------------------------------
     def prefill_unit(self, seq: Sequence) -> torch.Tensor | None:
         """One unit of ``seq``'s prefill into its row: a group of ViT layers, or one chunk of the spliced prompt.
@@ -119,10 +128,19 @@ class ModelRunner:
         seq.embeds = seq.positions = None
         return logits[:, -1]
 
+    def image_in_suffix(self, seq: Sequence) -> bool:
+        """Whether the part of the prompt still to prefill holds the image (not when a kept prefix already does)."""
+        req = seq.request
+        if not req.has_image:
+            return False
+        boi = self.model.config.boi_token_id
+        return boi not in req.prompt_ids or seq.reused_tokens <= req.prompt_ids.index(boi)  # no boi: embed says so
+
     def _encode_image_step(self, seq: Sequence) -> bool:
-        """Advance the image through the vision tower by one group of layers; True while layers remain."""
+        """Advance the image through the vision tower by one group of layers; True while layers remain. Nothing to
+        do when the image's features came from the cache or a reused prefix already holds the image."""
         px = seq.request.pixel_values
-        if px is None:
+        if px is None or seq.image_features is not None or not self.image_in_suffix(seq):
             return False
         vision = self.model.vision
         if seq.vision_x is None:
@@ -134,15 +152,22 @@ class ModelRunner:
         return end < vision.num_layers
 
     def _build_embeds(self, seq: Sequence) -> None:
-        """Token embeddings with the finished image spliced in, and their compressed positions (docs/MODEL.md)."""
+        """Embeddings of the prompt tokens still to prefill (after a reused prefix), with the image spliced in when
+        it is among them, and their compressed positions (docs/MODEL.md): token ``k`` is at position ``k``."""
         req = seq.request
         image_embeds = None
         if seq.vision_x is not None:
             image_embeds = self.model.image_features_to_lm(self.model.vision.project(seq.vision_x))
             seq.vision_x = None
             self._hook("vision_end")
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        pos = torch.arange(len(req.prompt_ids), device=self.device)[None]
+            if self.image_cache is not None:
+                self.image_cache.put(req.image_key, image_embeds[0])
+        elif seq.image_features is not None and self.image_in_suffix(seq):
+            image_embeds = seq.image_features[None].to(self.device, non_blocking=True)
+        seq.image_features = None
+        start = seq.reused_tokens
+        ids = torch.tensor([req.prompt_ids[start:]], device=self.device)
+        pos = torch.arange(start, len(req.prompt_ids), device=self.device)[None]
         seq.embeds, seq.positions = self.model.embed(ids, pos, image_embeds=image_embeds)
         seq.next_position = len(req.prompt_ids)
 

@@ -35,10 +35,23 @@ class GenerationRequest:
     pixel_values: torch.Tensor | None = None  # (3, N, N) normalized
     request_id: str = ""
     matcher: Any = None  # engine.structured.Matcher: this request's own grammar state (response_format), or None
+    # The image's identity (engine.prefix_cache.image_key) lets the engine cache its features and reuse a kept
+    # prefix that holds it; image_features (P + 2, H), when the caller found them cached, stand in for pixel_values.
+    image_key: str | None = None
+    image_features: torch.Tensor | None = None
+    image_size: int | None = None  # vision input side N; taken from pixel_values when they are given
+
+    @property
+    def has_image(self) -> bool:
+        return self.pixel_values is not None or self.image_features is not None
+
+    @property
+    def vision_size(self) -> int | None:
+        return self.pixel_values.shape[-1] if self.pixel_values is not None else self.image_size
 
     def cache_entries(self, image_tokens: int) -> int:
         """Cache entries the prompt occupies: the image's 3 placeholder tokens become ``image_tokens`` entries."""
-        return expanded_length(len(self.prompt_ids), image_tokens if self.pixel_values is not None else None)
+        return expanded_length(len(self.prompt_ids), image_tokens if self.has_image else None)
 
 
 @dataclass
@@ -90,6 +103,7 @@ class RequestHandle:
         self.request = request
         self.request_id = request.request_id
         self.prompt_tokens = prompt_tokens  # as the model sees it: image embeddings counted
+        self.cached_tokens = 0  # of those, entries a kept cache row already held (prefix reuse): not prefilled
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.timings = Timings(submitted=time.perf_counter())

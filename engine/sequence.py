@@ -7,7 +7,7 @@ limit, UTF-8-safe detokenizing — and streams the resulting events to the reque
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,10 @@ class Sequence:
     generated: int = 0
     last_token: int = -1
     matcher: Any = None  # engine.structured.Matcher when the request is constrained by a grammar
+    output_ids: list[int] = field(default_factory=list)  # every sampled token, in order
     # prefill state
+    reused_tokens: int = 0  # leading prompt tokens whose KV a kept row already held (engine.prefix_cache)
+    image_features: torch.Tensor | None = None  # cached (P + 2, H) image embeddings: the vision tower is skipped
     vision_x: torch.Tensor | None = None  # (1, 1 + g², C) ViT hidden state while the image is being encoded
     vision_layers_done: int = 0
     embeds: torch.Tensor | None = None  # (1, S, H) with the image spliced in
@@ -66,6 +69,7 @@ class Sequence:
         self.generated += 1
         h.completion_tokens = self.generated
         self.last_token = tok
+        self.output_ids.append(tok)
         reason = None
         if h.cancelled:
             reason, text, logprob = "cancelled", "", None

@@ -50,6 +50,25 @@ class KVCache:
             self.lengths[r] = 0
             self.next_positions[r] = 0
 
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows ``a`` and ``b`` (their filled parts and counters)."""
+        if a == b:
+            return
+        n = max(self.lengths[a], self.lengths[b])
+        for t in (self.k, self.v):
+            held = t[:, a, :, :n].clone()
+            t[:, a, :, :n] = t[:, b, :, :n]
+            t[:, b, :, :n] = held
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+        self.next_positions[a], self.next_positions[b] = self.next_positions[b], self.next_positions[a]
+
+    def truncate(self, row: int, length: int, next_position: int) -> None:
+        """Keep only the first ``length`` entries of ``row``; the next token gets ``next_position``."""
+        if not 0 <= length <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} entries; cannot keep {length}")
+        self.lengths[row] = length
+        self.next_positions[row] = next_position
+
     def move_row(self, src: int, dst: int) -> None:
         """Copy row ``src`` (its filled part) into ``dst``; used to keep the running rows contiguous."""
         if src == dst:

@@ -118,6 +118,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add(
         p,
+        "--prefix-cache",
+        default=d.prefix_cache,
+        choices=("on", "off"),
+        help="keep each finished conversation's KV-cache row while no one needs it, and prefill only what a new "
+        "request adds to the longest kept prefix (chat UIs resend the history: turn 2 skips turn 1)",
+    )
+    add(
+        p,
+        "--image-cache-mb",
+        default=d.image_cache_mb,
+        type=float,
+        help="host memory for the vision tower's output per image (same bytes, same vision size: no decode, no "
+        "vision tower); LRU; 0 = off",
+    )
+    add(
+        p,
         "--default-max-tokens",
         default=d.default_max_tokens,
         type=int,

@@ -85,7 +85,7 @@ async def complete(p: PreparedChat, rt: Runtime, request: Request, arrived: floa
                 finish_reason=reader.outcome,
             )
         ],
-        usage=Usage.of(h.prompt_tokens, h.completion_tokens),
+        usage=Usage.of_handle(h),
     )
     return JSONResponse(body.model_dump(), headers=p.headers)
 
@@ -133,7 +133,7 @@ def _text_completion(p: PreparedChat, rt: Runtime, text: str | None, finish_reas
         "choices": choices,
     }
     if handle is not None:
-        body["usage"] = Usage.of(handle.prompt_tokens, handle.completion_tokens).model_dump()
+        body["usage"] = Usage.of_handle(handle).model_dump()
     return body
 
 
@@ -187,7 +187,7 @@ async def _sse(p: PreparedChat, rt: Runtime, reader: EventReader, ev: Event):
         yield chunk(Delta(), finish_reason=reason)
         if p.include_usage:
             h = reader.handle
-            yield chunk(usage=Usage.of(h.prompt_tokens, h.completion_tokens))
+            yield chunk(usage=Usage.of_handle(h))
         yield sse.DONE
     except ClientGone:
         return

@@ -111,6 +111,26 @@ class Metrics:
             lab + ("vision_precision", "device", "vision_size", "demo"),
             registry=r,
         )
+        # engine.prefix_cache: counters mirrored from the engine's own (EngineStats), gauges set on each scrape
+        self.cache_counters = {
+            name: Counter(f"glm4v_{name}", doc, lab, registry=r)
+            for name, doc in (
+                ("image_cache_hits", "Images whose features came from the image-feature cache (no decode, no ViT)"),
+                ("image_cache_misses", "Images looked up in the image-feature cache and encoded"),
+                ("prefix_hits", "Prefills that reused a kept KV-cache row (prefix reuse)"),
+                ("prefix_misses", "Prefills that started on an empty row"),
+                ("prefix_reused_tokens", "Prompt tokens not prefilled because a kept row held them"),
+            )
+        }
+        self._cache_seen = dict.fromkeys(self.cache_counters, 0)
+        self.cache_gauges = {
+            name: Gauge(f"glm4v_{name}", doc, lab, registry=r)
+            for name, doc in (
+                ("image_cache_bytes", "Host memory held by the image-feature cache (--image-cache-mb bounds it)"),
+                ("image_cache_entries", "Images in the image-feature cache"),
+                ("prefix_kept_rows", "KV-cache rows kept for prefix reuse (given back as soon as a request needs one)"),
+            )
+        }
         self._latency_ema: float | None = None
 
     def set_model(
@@ -161,6 +181,12 @@ class Metrics:
             self.waiting.labels(**lab).set(stats.waiting)
             self.running.labels(**lab).set(stats.running + stats.prefilling)
             self.kv_cache.labels(**lab).set(stats.kv_cache_bytes)
+            for name, counter in self.cache_counters.items():
+                now = getattr(stats, name)
+                counter.labels(**lab).inc(max(0, now - self._cache_seen[name]))
+                self._cache_seen[name] = now
+            for name, gauge in self.cache_gauges.items():
+                gauge.labels(**lab).set(getattr(stats, name))
         self.queue_limit.labels(**lab).set(max_queue)
         snap = vram_snapshot(device) if device is not None else None
         for kind, value in (snap or {}).items():

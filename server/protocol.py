@@ -241,14 +241,20 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n}: entries a kept row already held
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details={"cached_tokens": cached_tokens},
         )
+
+    @classmethod
+    def of_handle(cls, handle) -> Usage:
+        return cls.of(handle.prompt_tokens, handle.completion_tokens, handle.cached_tokens)
 
 
 class AssistantMessage(BaseModel):
@@ -325,6 +331,7 @@ class ModelCard(BaseModel):
     compile: dict[str, Any] | None  # null without --compile
     offload: dict[str, Any]  # --offload: where each part lives (device/host, precision), resident vs host bytes
     multi_image: str  # --multi-image: which image of a conversation the model sees
+    caches: dict[str, Any]  # --prefix-cache, --image-cache-mb: settings and use (engine.prefix_cache)
     sampling_defaults: dict[str, float]  # used when a request omits them (the checkpoint's generation_config.json)
     max_tokens_policy: str  # --max-tokens-policy
     notes: list[str]

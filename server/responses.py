@@ -152,7 +152,7 @@ def response_object(
     if handle is not None:
         body["usage"] = {
             "input_tokens": handle.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": handle.cached_tokens},
             "output_tokens": handle.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": handle.prompt_tokens + handle.completion_tokens,

@@ -198,6 +198,25 @@ class Runtime:
         label = self.loaded.spec.label() if self.loaded else self.settings.precision
         return f"glm4v-edge-{__version__}-{label}"
 
+    def _caches(self) -> dict:
+        """The multi-turn caches' settings and use (engine.prefix_cache), for /v1/models."""
+        st = self.engine.stats()
+        return {
+            "prefix_cache": {
+                "enabled": self.engine.prefix.enabled,
+                "kept_rows": st.prefix_kept_rows,
+                "hits": st.prefix_hits,
+                "reused_tokens": st.prefix_reused_tokens,
+            },
+            "image_cache": {
+                "max_bytes": self.engine.image_cache.max_bytes,
+                "bytes": st.image_cache_bytes,
+                "entries": st.image_cache_entries,
+                "hits": st.image_cache_hits,
+                "where": "host",
+            },
+        }
+
     def model_cards(self) -> list[ModelCard]:
         """/v1/models entries, one per served name: the OpenAI fields plus what an operator needs to trust the
         setup."""
@@ -224,6 +243,7 @@ class Runtime:
             compile=eng.compile_status() or self._compile_ignored(),
             offload=d["offload"],
             multi_image=self.settings.multi_image,
+            caches=self._caches(),
             sampling_defaults={"temperature": 1.0, "top_p": 1.0, **self.sampling_defaults},
             max_tokens_policy=self.settings.max_tokens_policy,
             notes=d["notes"],

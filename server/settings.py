@@ -48,6 +48,8 @@ class ServerSettings:
     prefill_chunk: int = 512
     vision_layers_per_step: int = 8
     compile: str = "off"  # a COMPILE_CHOICES entry; GPU only
+    prefix_cache: str = "on"  # on | off: keep finished rows and reuse the longest matching prefix
+    image_cache_mb: float = 256.0  # image-feature cache in host memory (MiB); 0 = off
     # --- requests ---
     default_max_tokens: int | None = None  # None = the rest of the context
     max_tokens_policy: str = "clamp"  # clamp | reject: a max_tokens larger than the room left
@@ -91,6 +93,10 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.prefix_cache not in ("on", "off"):
+            raise ValueError(f"prefix_cache must be 'on' or 'off', not {self.prefix_cache!r}")
+        if not self.image_cache_mb >= 0:
+            raise ValueError("image_cache_mb must be >= 0 (0 turns the image-feature cache off)")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {COMPILE_CHOICES}, not {self.compile!r}")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
@@ -135,6 +141,8 @@ class ServerSettings:
             prefill_chunk=self.prefill_chunk,
             vision_layers_per_step=self.vision_layers_per_step,
             compile=self.compile,
+            prefix_cache=self.prefix_cache == "on",
+            image_cache_mb=self.image_cache_mb,
         )
 
     @property

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from engine import GenerationRequest
+from engine.prefix_cache import image_key
 from glm4v import Message, SamplingParams, expanded_length, generation_prompt
 from glm4v.chat_template import TemplateError
 
@@ -117,17 +118,21 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime, kind: str = "chat") -
     matcher = await prepare_matcher(rt, spec, schema_param)  # a bad schema fails before any image is fetched
     lm, loop = rt.loaded, asyncio.get_running_loop()
     conv = await loop.run_in_executor(rt.pool, build_conversation, req.messages, rt.settings.multi_image)
-    pixel_values = None
+    pixel_values = features = key = size = None
     if conv.image is not None:
         size = rt.low_detail_size if conv.image.detail == "low" else lm.vision_size
         try:
             data = await rt.images.load_bytes(conv.image.url)
-            pixel_values = await loop.run_in_executor(rt.pool, rt.images.preprocess, data, lm.image_processor, size)
+            # The same bytes at the same vision size were encoded before: skip the decode and the vision tower.
+            key = image_key(data, size, lm.spec.vision_precision)
+            features = rt.engine.image_cache.get(key)
+            if features is None:
+                pixel_values = await loop.run_in_executor(rt.pool, rt.images.preprocess, data, lm.image_processor, size)
         except APIError as e:
             e.param = e.param or conv.image.param
             raise
     ids = await loop.run_in_executor(rt.pool, _prompt_ids, lm.tokenizer, conv.messages)
-    image_tokens = lm.image_tokens(pixel_values.shape[-1]) if pixel_values is not None else None
+    image_tokens = lm.image_tokens(size) if size is not None else None
     budget, clamped_from = _completion_budget(
         req,
         expanded_length(len(ids), image_tokens),
@@ -137,7 +142,14 @@ async def prepare(req: ChatCompletionRequest, rt: Runtime, kind: str = "chat") -
     )
     request_id = f"{ID_PREFIX[kind]}{uuid.uuid4().hex}"
     generation = GenerationRequest(
-        ids, _sampling(req, budget, rt.sampling_defaults), pixel_values, request_id, matcher=matcher
+        ids,
+        _sampling(req, budget, rt.sampling_defaults),
+        pixel_values,
+        request_id,
+        matcher=matcher,
+        image_key=key,
+        image_features=features,
+        image_size=size,
     )
     return PreparedChat(
         request_id,

@@ -21,7 +21,7 @@ def api_root(base_url: str) -> str:
 async def one_request(client, url: str, headers: dict, body: dict) -> RequestResult:
     t0 = time.perf_counter()
     first = last = None
-    itl, chunks, usage = [], 0, None
+    itl, chunks, usage, parts = [], 0, None, []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -38,6 +38,7 @@ async def one_request(client, url: str, headers: dict, body: dict) -> RequestRes
                     usage = msg["usage"]
                 for ch in msg.get("choices") or []:
                     if (ch.get("delta") or {}).get("content"):
+                        parts.append(ch["delta"]["content"])
                         now = time.perf_counter()
                         if first is None:
                             first = now
@@ -58,6 +59,7 @@ async def one_request(client, url: str, headers: dict, body: dict) -> RequestRes
         output_tokens=out,
         prompt_tokens=(usage or {}).get("prompt_tokens", 0),
         itl_s=itl,
+        text="".join(parts),
     )
 
 

@@ -13,6 +13,7 @@ serve all three, so the ratios isolate the engine (2 vs 1), batching (2 at c vs 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import threading
 import time
@@ -160,6 +161,10 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
         str(args.vision_layers_per_step),
         "--compile",
         args.compile,
+        "--prefix-cache",
+        getattr(args, "prefix_cache", "on"),
+        "--image-cache-mb",
+        str(getattr(args, "image_cache_mb", 256.0)),
     ]
     if args.device:
         cmd += ["--device", args.device]
@@ -177,6 +182,22 @@ def _serve_subprocess(model_dir: str, args, max_batch_size: int):
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("the server did not become ready in 300 s")
+
+
+@contextlib.contextmanager
+def serve_for_bench(args, meta: dict):
+    """``glm4v-edge serve`` on the benchmark's model flags as its own process; yields its URL, stops it after."""
+    from quant.request import LoadRequest
+
+    request = LoadRequest.from_args(args)
+    model_dir = None if args.synthetic else request.model_dir()
+    meta.update({"model": request.source_label(), "precision": args.precision})
+    proc, url = _serve_subprocess(model_dir, args, max(args.max_batch_size, max(args.concurrency)))
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def benchmark_local(args, meta: dict) -> dict:

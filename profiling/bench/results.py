@@ -18,6 +18,7 @@ class RequestResult:
     prompt_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    text: str = ""  # the answer (multi-turn conversations send it back)
 
     @property
     def tpot_s(self) -> float | None:

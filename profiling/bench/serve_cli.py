@@ -49,6 +49,13 @@ def add_arguments(p) -> None:
         help="every request asks for JSON valid against this JSON Schema (response_format json_schema): the cost of "
         "constrained decoding (without --base-url: the engine and HTTP rows; the plain loop stays unconstrained)",
     )
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="> 1: multi-turn mode — --requests conversations of this many turns about one image each, the history "
+        "resent every turn; reports TTFT per turn (without --base-url: the server process only)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--model", help="(without --base-url) checkpoint folder; default the tiny demo checkpoint")
@@ -73,6 +80,10 @@ def add_arguments(p) -> None:
         default=8,
         help="(without --base-url) ViT layers run per engine step (default 8)",
     )
+    p.add_argument(
+        "--prefix-cache", default="on", choices=("on", "off"), help="(without --base-url) serve's --prefix-cache"
+    )
+    p.add_argument("--image-cache-mb", type=float, default=256.0, help="(without --base-url) serve's --image-cache-mb")
     p.add_argument(
         "--compile",
         default="off",
@@ -104,6 +115,25 @@ def run(args) -> int:
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if args.turns < 1:
+        print("error: --turns must be at least 1", file=sys.stderr)
+        return 2
+    if args.turns > 1:
+        from .multi_turn import benchmark_multi_turn
+        from .multi_turn import markdown as turns_markdown
+
+        if args.base_url:
+            levels = benchmark_multi_turn(args, args.base_url)
+            meta["base_url"] = args.base_url
+        else:
+            from .local import serve_for_bench
+
+            with serve_for_bench(args, meta) as url:
+                levels = benchmark_multi_turn(args, url)
+        (out / "results.json").write_text(json.dumps(levels, indent=2) + "\n")
+        (out / "results.md").write_text(turns_markdown(levels, meta))
+        print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+        return 0
     if args.base_url:
         levels = benchmark_http(args, args.base_url)
         meta["base_url"] = args.base_url

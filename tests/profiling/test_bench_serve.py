@@ -144,3 +144,34 @@ def test_image_flags_are_exclusive(tmp_path):
         main(
             ["bench-serve", "--base-url", "http://x", "--image", "a.png", "--synthetic-images", "--out", str(tmp_path)]
         )
+
+
+def test_multi_turn_mode_against_a_server(base_settings, tiny_fp32):
+    """--turns: each turn resends the history (its prompt grows by the answer and a question) and is timed."""
+    from dataclasses import replace
+
+    from profiling.bench.multi_turn import benchmark_multi_turn, markdown
+
+    with serve(replace(base_settings, max_model_len=512), tiny_fp32) as srv:
+        args = _args(turns=3, requests=2, concurrency=[2], max_tokens=4, image_side=40)
+        (level,) = benchmark_multi_turn(args, srv.url)
+        hits = srv.runtime.engine.stats().prefix_hits
+    turns = level["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3] and all(t["completed"] == 2 for t in turns)
+    prompts = [t["prompt_tokens_mean"] for t in turns]
+    assert prompts[0] > tiny_fp32.image_tokens() and prompts[0] < prompts[1] < prompts[2]
+    assert turns[0]["ttft_p50_over_turn1"] == 1.0 and turns[1]["ttft_p50_over_turn1"] > 0
+    assert hits >= 4  # turns 2 and 3 of both conversations reused their row
+    assert "| 2 | 3 | 2/2 |" in markdown([level], {"command": "x"})
+
+
+def test_multi_turn_command_starts_its_own_server(tiny_dir, tmp_path):
+    out = tmp_path / "turns"
+    rc = main(
+        ["bench-serve", "--model", str(tiny_dir), "--precision", "fp32", "--turns", "2", "--requests", "1"]
+        + ["--concurrency", "1", "--max-tokens", "3", "--prompt-tokens", "4", "--image-side", "40", "--out", str(out)]
+    )
+    assert rc == 0
+    (level,) = json.loads((out / "results.json").read_text())
+    assert [t["completed"] for t in level["turns"]] == [1, 1]
+    assert "TTFT p50 / turn 1" in (out / "results.md").read_text()
