@@ -10,6 +10,11 @@ Its step reads ``schedule → run → postprocess``:
 * **postprocess** (:meth:`engine.sequence.Sequence.accept_token`): sample, detokenize, apply stops, stream events;
   finished sequences leave at once, and the last running row moves into the hole so rows stay contiguous.
 
+Multi-turn (:mod:`engine.prefix_cache`): a finished sequence's row is *kept* outside the running rows with a record
+of the tokens it holds; a new prefill claims the kept row holding the longest start of its prompt and prefills only
+the rest (else an empty row, else the least recently used kept row — kept rows never delay admission), and an
+image's vision-tower output is cached in host memory by the image's bytes, vision size and precision.
+
 How long a new prompt can stall everyone else's stream: one unit of prefill work between two decode steps. With
 ``decode_graphs`` (``serve --compile``) the decode step is the fixed-shape one compiled per batch bucket when the
 engine starts (:mod:`engine.cuda_graphs`); prefill is always the ordinary forward.
@@ -34,15 +39,15 @@ from dataclasses import dataclass
 import torch
 
 from glm4v.generate import GenerationHooks
-from glm4v.sampling import log_probs, sample_rows, token_logprobs
 
 from .config import EngineConfig, choose_max_model_len, compile_mode
 from .model_runner import ModelRunner
 from .prefix_cache import ImageFeatureCache, PrefixCache, RowRecord
 from .requests import EngineStoppedError, Event, GenerationRequest, RequestHandle
+from .sample_step import sample_step
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .structured import GrammarCompiler, apply_bitmask, new_bitmask
+from .structured import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -310,34 +315,7 @@ class Engine:
         self._postprocess(seqs, *self._sample(seqs, logits), first=False)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list, list, list]:
-        """(B, V') logits → per row: token, error, logprob entry (or None).
-
-        Log-probs come from the raw logits (the model's distribution); then each constrained row gets its grammar's
-        mask (computed on the host while a GPU is still busy with the forward), applied in one op to those rows only;
-        rows without a grammar or logprobs pay nothing extra. A matcher that fails fails its row alone."""
-        errors: list[Exception | None] = [None] * len(seqs)
-        want_lp = [i for i, s in enumerate(seqs) if s.sampler.params.logprobs is not None]
-        lp = log_probs(logits, want_lp, self.vocab_size) if want_lp else None
-        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if constrained:
-            bitmask = new_bitmask(len(constrained), self.vocab_size)
-            for j, i in enumerate(constrained):
-                try:
-                    seqs[i].matcher.fill_bitmask(bitmask, j)
-                except Exception as e:
-                    errors[i] = e
-            apply_bitmask(logits, bitmask, constrained)
-        tokens, sample_errors = sample_rows(logits, [s.sampler for s in seqs])
-        errors = [e or se for e, se in zip(errors, sample_errors, strict=True)]
-        entries: list = [None] * len(seqs)
-        if want_lp:
-            ok = [i for i in want_lp if errors[i] is None]
-            rows = [want_lp.index(i) for i in ok]
-            if ok:
-                got = token_logprobs(lp[rows], [tokens[i] for i in ok], [seqs[i].sampler.params.logprobs for i in ok])
-                for i, entry in zip(ok, got, strict=True):
-                    entries[i] = entry
-        return tokens, errors, entries
+        return sample_step(seqs, logits, self.vocab_size)
 
     def _postprocess(
         self, seqs: list[Sequence], tokens: list[int], errors: list[Exception | None], logprobs: list, first: bool

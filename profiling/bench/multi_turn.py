@@ -99,6 +99,18 @@ def turn_summary(convs: list[list[RequestResult]], turns: int) -> list[dict]:
     return rows
 
 
+def server_caches(base_url: str, api_key: str | None) -> dict | None:
+    """This project's /v1/models ``caches`` (what the caches hold and how often they hit), None elsewhere."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        card = httpx.get(api_root(base_url) + "/v1/models", headers=headers, timeout=10).json()["data"][0]
+    except Exception:
+        return None
+    return card.get("caches")
+
+
 def benchmark_multi_turn(args, base_url: str) -> list[dict]:
     """One entry per concurrency level: ``{"concurrency", "conversations", "turns": [per-turn summary]}``."""
     from .http_load import resolve_model_name
@@ -109,7 +121,11 @@ def benchmark_multi_turn(args, base_url: str) -> list[dict]:
     for c in args.concurrency:
         convs, dur = asyncio.run(run_conversations(args, base_url, c, offset=1000 * c))
         rows = turn_summary(convs, args.turns)
-        out.append({"concurrency": c, "conversations": args.requests, "duration_s": dur, "turns": rows})
+        level = {"concurrency": c, "conversations": args.requests, "duration_s": dur, "turns": rows}
+        caches = server_caches(base_url, args.api_key)
+        if caches is not None:
+            level["server_caches"] = caches
+        out.append(level)
         ratios = ", ".join(
             f"turn {r['turn']}: {r['ttft_s']['p50'] * 1e3:.1f} ms ({r['ttft_p50_over_turn1']:.2f}×)"
             for r in rows
@@ -127,7 +143,17 @@ def markdown(levels: list[dict], meta: dict) -> str:
         "| concurrency | turn | requests | prompt tokens | TTFT mean / p50 / p99 | TTFT p50 / turn 1 | e2e p50 |",
         "|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for lv in levels:
+        caches = lv.get("server_caches")
+        if caches:
+            ic, pc = caches["image_cache"], caches["prefix_cache"]
+            notes.append(
+                f"after concurrency {lv['concurrency']}: image-feature cache {ic['bytes'] / 2**20:.1f} MiB in "
+                f"{ic['entries']} entries (limit {ic['max_bytes'] / 2**20:.0f} MiB), {ic['hits']} hits; prefix "
+                f"reuse {'on' if pc['enabled'] else 'off'}, {pc['hits']} hits, {pc['reused_tokens']} tokens not "
+                f"prefilled, {pc['kept_rows']} rows kept (cumulative)"
+            )
         for r in lv["turns"]:
             t = r["ttft_s"]
             ttft = "—" if t["p50"] is None else " / ".join(f"{t[k] * 1e3:.1f} ms" for k in ("mean", "p50", "p99"))
@@ -138,4 +164,4 @@ def markdown(levels: list[dict], meta: dict) -> str:
                 f"| {lv['concurrency']} | {r['turn']} | {r['completed']}/{r['requests']} | {prompt} | {ttft} "
                 f"| {ratio} | {e2e} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"

@@ -162,6 +162,7 @@ def test_multi_turn_mode_against_a_server(base_settings, tiny_fp32):
     assert prompts[0] > tiny_fp32.image_tokens() and prompts[0] < prompts[1] < prompts[2]
     assert turns[0]["ttft_p50_over_turn1"] == 1.0 and turns[1]["ttft_p50_over_turn1"] > 0
     assert hits >= 4  # turns 2 and 3 of both conversations reused their row
+    assert level["server_caches"]["prefix_cache"]["hits"] == hits
     assert "| 2 | 3 | 2/2 |" in markdown([level], {"command": "x"})
 
 
