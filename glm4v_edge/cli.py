@@ -16,13 +16,14 @@ from profiling.bench import decode as bench_decode
 from profiling.bench import grammar as bench_grammar
 from profiling.bench import serve_cli as bench_serve
 
-from . import __version__, chat, info, make_tiny, serve
+from . import __version__, chat, info, make_tiny, quantize, serve
 
 COMMANDS = {
     # name: (module, one-line help)
     "serve": (serve, "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
     "chat": (chat, "one-shot question about an image, streamed to the terminal"),
     "info": (info, "check a checkpoint folder and print what it holds"),
+    "quantize": (quantize, "write a pre-quantized (int8/nf4/fp4) checkpoint that loads without re-quantizing"),
     "make-tiny": (make_tiny, "write a small random checkpoint in the official layout"),
     "estimate": (estimate_cli, "predict weights, KV cache, activations and total memory per precision"),
     "profile": (profile_cli, "measure VRAM and latency per precision, against the fp16 baseline"),

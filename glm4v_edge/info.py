@@ -12,12 +12,17 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from glm4v.checkpoint import CheckpointError, inspect_checkpoint
+    from quant.prequantized import check_keys, held_quantization
 
     try:
-        info = inspect_checkpoint(args.model)
+        held = held_quantization(args.model)
+        info = inspect_checkpoint(args.model, check_keys=held is None)
+        if held is not None:
+            info = check_keys(info)
     except CheckpointError as e:
         print(f"error: {e}")
         return 1
+    disk = sum(p.stat().st_size for p in info.weight_files)
     c = info.config
     v = c.vision
     summary = {
@@ -25,6 +30,8 @@ def run(args) -> int:
         "parameters": info.num_parameters,
         "weight_files": [p.name for p in info.weight_files],
         "dtypes": sorted(set(info.dtypes.values())),
+        "weight_bytes_on_disk": disk,
+        "prequantized": None if held is None else held.label(),
         "language_model": {
             "layers": c.num_layers,
             "hidden_size": c.hidden_size,
@@ -49,6 +56,8 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{info.path}: OK, {info.num_parameters:,} parameters ({', '.join(summary['dtypes'])})")
+        kind = f"pre-quantized {held.label()}" if held else "float (quantized while loading)"
+        print(f"  weights: {disk / 2**30:.2f} GiB on disk, {kind}")
         for k in ("language_model", "vision", "token_ids"):
             print(f"  {k}: " + ", ".join(f"{a}={b}" for a, b in summary[k].items()))
     return 0

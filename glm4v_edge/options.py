@@ -53,7 +53,13 @@ def add(parser: argparse.ArgumentParser, flag: str, *, env: bool = True, default
 def add_model_arguments(parser: argparse.ArgumentParser, env: bool = True, precision_default: str = "auto") -> None:
     from quant import PRECISIONS  # no torch import: keeps --help fast
 
-    add(parser, "--model", env=env, help="GLM-4V-9B checkpoint folder; none = the built-in tiny demo (random)")
+    add(
+        parser,
+        "--model",
+        env=env,
+        help="GLM-4V-9B checkpoint: a folder, a Hugging Face id (THUDM/glm-4v-9b[@revision]) or a ModelScope id "
+        "(modelscope://ZhipuAI/glm-4v-9b; or a bare id with GLM4V_USE_MODELSCOPE=1); none = the built-in tiny demo",
+    )
     add(
         parser,
         "--precision",

@@ -40,6 +40,7 @@ from .offload import (
     restore_host_modules,
 )
 from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec, precision_name
+from .prequantized import check_keys, check_request, held_quantization
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class LoadedModel:
     weight_bytes: dict[str, int] = field(default_factory=dict)
     offload: tuple[str, ...] = ()  # parts kept in host memory (quant.offload)
     demo: bool = False  # random weights (the demo checkpoint or --synthetic): answers mean nothing
+    prequantized: bool = False  # read from a `glm4v-edge quantize` folder, not quantized while loading
 
     @property
     def config(self):
@@ -149,6 +151,10 @@ class LoadedModel:
         d["offload"] = self.placement()
         d["weight_bytes"] = self.weight_bytes.get("total")
         d["num_parameters"] = self.checkpoint.num_parameters
+        if d.get("quantization") is not None:
+            d["quantization"]["prequantized"] = self.prequantized
+        if self.prequantized:
+            d["notes"] = [*d.get("notes", []), "pre-quantized checkpoint: loaded as it is, not quantized at start"]
         return d
 
 
@@ -198,7 +204,12 @@ def load(
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    info = inspect_checkpoint(model_dir)  # fails fast, before reading any weight
+    held = held_quantization(model_dir)  # a pre-quantized folder (glm4v-edge quantize) loads as it is
+    info = inspect_checkpoint(model_dir, check_keys=held is None)  # fails fast, before reading any weight
+    if held is not None:
+        check_request(held, model_dir, precision, vision_precision, lm_head_precision, offload)
+        info = check_keys(info)
+        double_quant = held.double_quant
     device, spec, vision_size, offload = resolve_request(
         info.config,
         device,
@@ -219,10 +230,11 @@ def load(
         skip = spec.skipped_modules() + (
             [VISION] if "vision" in offload and VISION not in spec.skipped_modules() else []
         )
+        quantization = spec.bnb_config(skip=skip, cpu_offload=bool(on_host) and device.type != "cpu")
         model = ChatGLMForConditionalGeneration.from_pretrained(
             str(model_dir),
             dtype=load_dtype,
-            quantization_config=spec.bnb_config(skip=skip, cpu_offload=bool(on_host) and device.type != "cpu"),
+            quantization_config=None if held else quantization,  # a pre-quantized folder's own config.json says it
             device_map=host_device_map(device, on_host),
         )
         if on_host and device.type != "cpu":
@@ -250,6 +262,7 @@ def load(
         load_s=time.perf_counter() - t0,
         checkpoint=info,
         offload=offload,
+        prequantized=held is not None,
     )
     loaded.weight_bytes = weight_bytes(model)
     log.info(

@@ -88,8 +88,12 @@ class LoadRequest:
         return load_config(self.model_dir())
 
     def model_dir(self) -> str:
+        """The local checkpoint folder: ``--model`` itself, or a hub id resolved (downloaded, or found in the
+        cache) by :func:`quant.hub.resolve_model_path`; the demo checkpoint when there is none."""
         if self.model:
-            return self.model
+            from .hub import resolve_model_path
+
+            return resolve_model_path(self.model)
         if self.synthetic:
             raise ValueError("a synthetic model has no checkpoint folder")
         from glm4v.tiny import ensure_demo_checkpoint
@@ -104,9 +108,20 @@ class LoadRequest:
         ``offload`` and ``lm_head_precision`` — but only where the request left them at their defaults (None, none,
         None); what was given explicitly is kept, and ``auto`` picks the precision around it."""
         from .loader import resolve_device
+        from .prequantized import held_quantization
 
         device = resolve_device(self.device)
         request = replace(self, device=str(device))
+        held = None if self.synthetic else held_quantization(self.model_dir())
+        if held is not None and self.precision == "auto":  # a pre-quantized folder: what it holds
+            log.info("--precision auto → %s (a pre-quantized checkpoint)", held.label())
+            return replace(
+                request,
+                precision=held.precision,
+                vision_precision=self.vision_precision or held.vision_precision,
+                lm_head_precision=self.lm_head_precision
+                or (held.lm_head_precision if held.lm_head_precision != held.float_dtype else None),
+            )
         if self.precision == "auto":
             from .auto import choose_auto
 
@@ -171,6 +186,8 @@ def open_model(request: LoadRequest):
         demo = True
     else:
         demo = bool(request.synthetic)
+        if request.model:
+            request = replace(request, model=request.model_dir())  # a hub id: resolved once, a folder from here on
     if request.synthetic:
         log.warning("--synthetic %s: RANDOM weights (real memory and speed, meaningless answers)", request.synthetic)
     config = request.config()

@@ -48,12 +48,17 @@ def low_detail_size(requested: int, served: int, trained: int) -> int:
 DEFAULT_NAMES = ("glm-4v-9b", "glm-4v")  # what the seed article, THUDM's example client and Dify send
 
 
-def default_model_names(model_dir) -> list[str]:
-    """The model ids served without --served-model-name: glm-4v-9b, glm-4v, the checkpoint's ``_name_or_path``
-    (THUDM/glm-4v-9b in the official config.json) and the folder's name — clients send any of them."""
+def default_model_names(model_dir, asked: str | None = None) -> list[str]:
+    """The model ids served without --served-model-name: glm-4v-9b, glm-4v, the hub id ``--model`` named, the
+    checkpoint's ``_name_or_path`` (THUDM/glm-4v-9b in the official config.json) and the folder's name — clients send
+    any of them."""
     import json
 
+    from quant.hub import describe_source
+
     names = list(DEFAULT_NAMES)
+    if asked and describe_source(asked) != "folder":
+        names.append(asked.removeprefix("modelscope://").split("@")[0])
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
         if isinstance(raw.get("_name_or_path"), str):
@@ -114,7 +119,7 @@ class Runtime:
                 self.loaded = self._loader() if self._loader is not None else self._load_from_settings()
             lm, s = self.loaded, self.settings
             self.demo = lm.demo
-            self.served_names = s.model_names or default_model_names(lm.model_dir)
+            self.served_names = s.model_names or default_model_names(lm.model_dir, s.model)
             self.sampling_defaults = sampling_defaults(lm.model_dir)
             self.low_detail_size = low_detail_size(s.low_detail_size, lm.vision_size, lm.config.vision.image_size)
             if self.low_detail_size != s.low_detail_size:
