@@ -16,11 +16,12 @@ from profiling.bench import decode as bench_decode
 from profiling.bench import grammar as bench_grammar
 from profiling.bench import serve_cli as bench_serve
 
-from . import __version__, chat, info, make_tiny, quantize, serve
+from . import __version__, chat, info, make_tiny, quantize, serve, serve_cluster
 
 COMMANDS = {
     # name: (module, one-line help)
     "serve": (serve, "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
+    "serve-cluster": (serve_cluster, "the same API as replicas on Ray Serve: one per GPU, across machines ([cluster])"),
     "chat": (chat, "one-shot question about an image, streamed to the terminal"),
     "info": (info, "check a checkpoint folder and print what it holds"),
     "quantize": (quantize, "write a pre-quantized (int8/nf4/fp4) checkpoint that loads without re-quantizing"),

@@ -47,9 +47,12 @@ class StatusMetrics:
         return await self.app(scope, receive, counting_send)
 
 
-def create_app(settings: ServerSettings, loaded: LoadedModel | Loader | None = None, hooks=None) -> FastAPI:
-    """``hooks`` is passed to the engine (profiling timers; tests use it to slow generation down)."""
-    metrics = Metrics((settings.model_names or ["glm-4v-9b"])[0], settings.precision)
+def create_app(
+    settings: ServerSettings, loaded: LoadedModel | Loader | None = None, hooks=None, replica: str | None = None
+) -> FastAPI:
+    """``hooks`` is passed to the engine (profiling timers; tests use it to slow generation down); ``replica`` is
+    serve-cluster's replica id (a label on every metric)."""
+    metrics = Metrics((settings.model_names or ["glm-4v-9b"])[0], settings.precision, replica=replica)
     runtime = Runtime(settings, metrics, loaded, hooks)
 
     @asynccontextmanager

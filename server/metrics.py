@@ -52,10 +52,15 @@ def vram_snapshot(device: torch.device) -> dict[str, int] | None:
 
 
 class Metrics:
-    def __init__(self, model: str, precision: str):
+    def __init__(self, model: str, precision: str, replica: str | None = None):
+        """``replica``: serve-cluster's replica id, a label on every series (one Prometheus target per replica)."""
         self.registry = CollectorRegistry()
         self.labels = {"model": model, "precision": precision}
-        r, lab = self.registry, ("model", "precision")
+        lab = ("model", "precision")
+        if replica is not None:
+            self.labels["replica"] = replica
+            lab += ("replica",)
+        r = self.registry
         ProcessCollector(registry=r)
         self.requests = Counter(
             "glm4v_requests", "Chat completion requests answered, by HTTP status", lab + ("status",), registry=r

@@ -332,6 +332,7 @@ class ModelCard(BaseModel):
     offload: dict[str, Any]  # --offload: where each part lives (device/host, precision), resident vs host bytes
     multi_image: str  # --multi-image: which image of a conversation the model sees
     caches: dict[str, Any]  # --prefix-cache, --image-cache-mb: settings and use (engine.prefix_cache)
+    cluster: dict[str, Any] | None = None  # serve-cluster: {"replica": id, "replicas_serving": n}; null otherwise
     sampling_defaults: dict[str, float]  # used when a request omits them (the checkpoint's generation_config.json)
     max_tokens_policy: str  # --max-tokens-policy
     notes: list[str]

@@ -103,6 +103,8 @@ class Runtime:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glm4v-preprocess")
         self.images = ImageLoader(settings, self.pool)
         self._thread: threading.Thread | None = None
+        # serve-cluster (server.cluster): which replica this is and how many serve, for /v1/models
+        self.cluster_info: Callable[[], dict] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,6 +251,7 @@ class Runtime:
             offload=d["offload"],
             multi_image=self.settings.multi_image,
             caches=self._caches(),
+            cluster=self.cluster_info() if self.cluster_info is not None else None,
             sampling_defaults={"temperature": 1.0, "top_p": 1.0, **self.sampling_defaults},
             max_tokens_policy=self.settings.max_tokens_policy,
             notes=d["notes"],
