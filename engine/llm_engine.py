@@ -284,14 +284,16 @@ class Engine:
             self.scheduler.prefilling = None
             seq.cancel()
             return
-        if seq.row < 0:
-            seq.handle.timings.started = time.perf_counter()
-            self._claim_row(seq)
         try:
+            if seq.row < 0:
+                seq.handle.timings.started = time.perf_counter()
+                self._claim_row(seq)
             logits = self.runner.prefill_unit(seq)
-        except Exception as e:
+        except Exception as e:  # this prompt's problem alone (its image, its row, out of memory in its prefill)
             self.scheduler.prefilling = None
-            self.runner.reset_row(seq.row)
+            if seq.row >= 0:
+                self.runner.reset_row(seq.row)
+                self.prefix.drop(seq.row)
             self.runner.after_error(e)
             seq.fail(e)
             return

@@ -116,10 +116,11 @@ def reusable(kept: RowRecord, want: RowRecord) -> int:
     """How many leading tokens of ``want`` the kept row can serve: the common prefix, never into an image triple,
     past an image only when it is the same image, and at least one token short of ``want`` (its logits are needed)."""
     n = min(common_prefix(kept.tokens, want.tokens), len(want.tokens) - 1)
-    b = want.boi
-    if b is not None and n > b:
-        same = want.image_key is not None and want.image_key == kept.image_key and kept.boi == b
-        if not same or n < b + IMAGE_PLACEHOLDERS:
+    same = want.image_key is not None and want.image_key == kept.image_key and kept.boi == want.boi
+    # Either side's image stops the match unless both hold the same image there: a text-only prompt whose ids
+    # happen to spell the image placeholders must not attend to another request's patch entries.
+    for b in sorted({want.boi, kept.boi} - {None}):
+        if n > b and not (same and n >= b + IMAGE_PLACEHOLDERS):
             n = b
     return max(n, 0)
 
@@ -140,7 +141,7 @@ class PrefixCache:
         A kept row whose reusable prefix is at least half of what it holds (a continuation of its conversation —
         the longest such prefix, the most recently used on a tie); else an empty row (a kept row is not cut down to
         the chat template's first few tokens while a free one exists); else the least recently used kept row,
-        reusing what it can."""
+        reset."""
         best, best_n = None, 0
         if self.enabled:
             for row in free_rows:
@@ -158,8 +159,10 @@ class PrefixCache:
                 if self.enabled:
                     self.misses += 1
                 return empty[0], 0
+            # No empty row: the least recently used kept row is given back whole (a short match is not worth
+            # reusing, and reusing it would tell the client how much of someone else's prompt it guessed).
             best = min(free_rows, key=lambda r: self.kept[r].last_used)
-            best_n = reusable(self.kept[best], want) if self.enabled else 0
+            best_n = 0
         if best_n:
             self.hits += 1
             self.reused_tokens += best_n

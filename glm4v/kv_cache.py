@@ -56,9 +56,10 @@ class KVCache:
             return
         n = max(self.lengths[a], self.lengths[b])
         for t in (self.k, self.v):
-            held = t[:, a, :, :n].clone()
-            t[:, a, :, :n] = t[:, b, :, :n]
-            t[:, b, :, :n] = held
+            for layer in t:  # one layer at a time: the temporary is one layer's row (MBs), not all 40 (~160 MiB)
+                held = layer[a, :, :n].clone()
+                layer[a, :, :n] = layer[b, :, :n]
+                layer[b, :, :n] = held
         self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
         self.next_positions[a], self.next_positions[b] = self.next_positions[b], self.next_positions[a]
 

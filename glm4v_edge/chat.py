@@ -33,7 +33,11 @@ def run(args) -> int:
     from quant.request import LoadRequest, open_model
 
     log = logging.getLogger("glm4v_edge.chat")
-    lm = open_model(LoadRequest.from_args(args))
+    try:
+        lm = open_model(LoadRequest.from_args(args))
+    except ValueError as e:  # a missing folder or hub id, a refused precision: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     messages = []
     if args.system:
         messages.append(Message("system", args.system))

@@ -26,10 +26,17 @@ def build(argv: list[str] | None = None):
         replicas=args.replicas,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
-        num_gpus=args.gpus_per_replica or 0,
+        num_gpus=args.gpus_per_replica if args.gpus_per_replica is not None else _default_gpus(),
         num_cpus=args.cpus_per_replica,
         target_ongoing_requests=args.target_ongoing_requests,
     )
+
+
+def _default_gpus() -> float:
+    """As serve-cluster: 1 per replica when the Ray cluster (already joined by ``serve deploy``) has GPUs."""
+    import ray
+
+    return serve_cluster.default_gpus() if ray.is_initialized() else 0
 
 
 app = build()

@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     gpus = args.gpus_per_replica
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = default_gpus()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from here on: a signal while replicas load still undeploys them
+        signal.signal(sig, lambda *_: stop.set())
     try:
         app = build_application(
             settings,
@@ -81,20 +84,40 @@ def run(args: argparse.Namespace) -> int:
             target_ongoing_requests=args.target_ongoing_requests,
         )
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        _wait_running(serve, stop)
+        if not stop.is_set():
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+            where = f"http://{host}:{settings.port}/v1"
+            print(f"serving on {where} ({_replicas_text(args)}, {gpus:g} GPU each)", flush=True)
+            stop.wait()
+        log.info("shutting down the application")
+        return 0
     except Exception as e:  # a replica that cannot start (model folder missing on a node, out of memory …)
         log.error("the application did not start: %s", str(e).strip().splitlines()[-1] if str(e).strip() else e)
-        serve.shutdown()
         return 1
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    print(f"serving on http://{host}:{settings.port}/v1 ({_replicas_text(args)}, {gpus:g} GPU each)", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("shutting down the application")
-    serve.shutdown()
-    return 0
+    finally:
+        serve.shutdown()
+
+
+def default_gpus() -> float:
+    """1 GPU per replica when the Ray cluster has GPUs, else 0 (a CPU replica)."""
+    import ray
+
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+def _wait_running(serve, stop: threading.Event) -> None:
+    """Until the application is RUNNING (every replica has loaded its model); raise if it fails to deploy."""
+    from server.cluster import APP_NAME
+
+    while not stop.is_set():
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(status.message or status.status)
+        stop.wait(0.5)
 
 
 def _replicas_text(args) -> str:

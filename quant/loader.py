@@ -39,7 +39,7 @@ from .offload import (
     parse_offload,
     restore_host_modules,
 )
-from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec, precision_name
+from .precision import FLOAT_PRECISIONS, LM_HEAD, VISION, PrecisionSpec, parse_dtype, precision_name
 from .prequantized import check_keys, check_request, held_quantization
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,11 @@ def load(
     held = held_quantization(model_dir)  # a pre-quantized folder (glm4v-edge quantize) loads as it is
     info = inspect_checkpoint(model_dir, check_keys=held is None)  # fails fast, before reading any weight
     if held is not None:
-        check_request(held, model_dir, precision, vision_precision, lm_head_precision, offload)
+        asked_dtype = None if compute_dtype is None else precision_name(parse_dtype(compute_dtype))
+        check_request(held, model_dir, precision, vision_precision, lm_head_precision, offload, asked_dtype)
         info = check_keys(info)
         double_quant = held.double_quant
+        compute_dtype = held.float_dtype  # what its unquantized tensors were written in
     device, spec, vision_size, offload = resolve_request(
         info.config,
         device,

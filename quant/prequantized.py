@@ -4,7 +4,8 @@ A 12 GB card's user should not download 28 GB of bf16 and quantize it at every s
 checkpoint at an int8/nf4/fp4 precision and writes it back in the layout ``transformers`` + bitsandbytes use for
 serialized bitsandbytes models: safetensors with the packed weights and their quantization state (``.absmax``,
 ``.quant_map``, ``.quant_state.bitsandbytes__nf4`` …, ``.SCB`` for int8), and ``config.json`` with its
-``quantization_config`` — so the folder also loads with plain ``AutoModelForCausalLM.from_pretrained`` — plus the
+``quantization_config`` — so the folder also loads with ``AutoModelForCausalLM.from_pretrained`` once ``glm4v`` is
+imported (it registers the class; the ``auto_map`` to THUDM's remote code is not shipped) — plus the
 tokenizer and generation files, and a ``glm4v_edge`` entry saying what it holds and where it came from.
 
 What one ``quantization_config`` can say is what can be written: the language model at one bitsandbytes method, the
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from glm4v.checkpoint import IGNORED_KEYS, CheckpointError, CheckpointInfo, expected_shapes
 
-from .precision import LM_HEAD, QUANT_PRECISIONS, VISION
+from .precision import LM_HEAD, QUANT_PRECISIONS, VISION, precision_name
 
 # Tensors bitsandbytes serializes beside a quantized weight.
 QUANT_STATE_SUFFIXES = (
@@ -79,24 +80,40 @@ def held_quantization(model_dir: str | Path) -> Held | None:
         raise CheckpointError(f"{path}: quantization_config loads neither 8-bit nor 4-bit")
     floats = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
     float_dtype = floats.get(str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"), "bf16")
-    skip = q.get("llm_int8_skip_modules") or []
+    skip = q.get("llm_int8_skip_modules")
+
+    def skipped(module: str) -> bool:
+        # transformers' rule: an entry skips every module whose name contains it; no list at all keeps the output
+        # layer (its get_keys_to_not_convert) and quantizes the rest.
+        if skip is None:
+            return module == LM_HEAD
+        return any(entry and entry in f"{module}." for entry in skip)
+
     return Held(
         precision=precision,
-        vision_precision=float_dtype if VISION in skip else precision,
-        lm_head_precision=float_dtype if LM_HEAD in skip else precision,
+        vision_precision=float_dtype if skipped(VISION) else precision,
+        lm_head_precision=float_dtype if skipped(LM_HEAD) else precision,
         double_quant=bool(q.get("bnb_4bit_use_double_quant", False)),
         float_dtype=float_dtype,
     )
 
 
 def check_request(
-    held: Held, model_dir, precision: str, vision_precision: str | None, lm_head_precision: str | None, offload
+    held: Held,
+    model_dir,
+    precision: str,
+    vision_precision: str | None,
+    lm_head_precision: str | None,
+    offload,
+    compute_dtype: str | None = None,
 ) -> None:
     """Refuse a load whose precisions differ from what the folder holds (re-quantizing packed weights is not
     possible), saying what it holds."""
     asked_vision = vision_precision or precision
     asked_head = lm_head_precision or held.float_dtype
     wrong = []
+    if compute_dtype is not None and compute_dtype != held.float_dtype:
+        wrong.append(f"--compute-dtype {compute_dtype} (its unquantized tensors are {held.float_dtype})")
     if precision != held.precision:
         wrong.append(f"--precision {precision}")
     if asked_vision != held.vision_precision:
@@ -157,6 +174,11 @@ def save_quantized(lm, out_dir: str | Path, source: str) -> dict:
         )
     if spec.head_quantized and spec.lm_head_precision != spec.precision:
         raise ValueError(f"the LM head can be {spec.precision} or 16-bit in a pre-quantized checkpoint")
+    if not spec.vision_quantized and spec.vision_dtype() != spec.dtype:
+        raise ValueError(
+            f"a 16-bit vision tower is written in the compute dtype ({precision_name(spec.dtype)}): use "
+            f"--vision-precision {precision_name(spec.dtype)} or --compute-dtype {spec.vision_precision}"
+        )
     if lm.offload:
         raise ValueError("quantize without --offload: the whole model is written")
     out = Path(out_dir)

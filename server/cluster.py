@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from .settings import ServerSettings
 
@@ -71,28 +72,31 @@ class ReplicaHeader:
 
 
 class ReplicaCount:
-    """How many replicas of this deployment are RUNNING, from Ray Serve's status (cached a few seconds)."""
+    """How many replicas of this deployment are RUNNING, from Ray Serve's status — refreshed by a background thread
+    every 2 s, so ``/v1/models`` never waits on Ray's controller (reading it is a plain attribute)."""
 
-    def __init__(self, app_name: str, deployment: str, fallback: int, ttl_s: float = 5.0):
-        self.app_name, self.deployment, self.fallback, self.ttl_s = app_name, deployment, fallback, ttl_s
-        self._value, self._at, self._lock = fallback, 0.0, threading.Lock()
+    def __init__(self, app_name: str, deployment: str, fallback: int, period_s: float = 2.0):
+        self.app_name, self.deployment, self.period_s = app_name, deployment, period_s
+        self.value = fallback
+        self._stop = threading.Event()
+        threading.Thread(target=self._refresh, name="glm4v-replica-count", daemon=True).start()
+
+    def _refresh(self) -> None:
+        while not self._stop.is_set():
+            try:
+                from ray import serve
+
+                status = serve.status().applications[self.app_name].deployments[self.deployment]
+                self.value = int(status.replica_states.get("RUNNING", 0))
+            except Exception as e:  # best-effort: /v1/models answers with the last known count
+                log.debug("replica count unavailable: %s", e)
+            self._stop.wait(self.period_s)
 
     def __call__(self) -> int:
-        with self._lock:
-            if time.monotonic() - self._at < self.ttl_s:
-                return self._value
-            self._at = time.monotonic()
-        try:
-            from ray import serve
+        return self.value
 
-            status = serve.status().applications[self.app_name].deployments[self.deployment]
-            value = int(status.replica_states.get("RUNNING", 0))
-        except Exception as e:  # the status call is best-effort: /v1/models must answer regardless
-            log.debug("replica count unavailable: %s", e)
-            value = self._value
-        with self._lock:
-            self._value = value
-        return value
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class GLM4VReplica:
@@ -128,6 +132,36 @@ class GLM4VReplica:
             raise RuntimeError(f"replica {self.replica_id}: {runtime.error}")
 
 
+# What a replica on another node must see as the driver does (Ray runs it in that node's raylet environment).
+FORWARDED_ENV = (
+    "HF_TOKEN",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "MODELSCOPE_CACHE",
+    "GLM4V_USE_MODELSCOPE",
+)
+
+
+def driver_settings(settings: ServerSettings) -> ServerSettings:
+    """The settings as every replica must read them: a relative ``--model`` folder made absolute (a replica's
+    working directory is wherever its node's Ray started; there the same string would be a hub id), a bare id meant
+    for ModelScope spelled ``modelscope://``."""
+    from dataclasses import replace
+
+    from quant.hub import describe_source
+
+    model = settings.model
+    if model:
+        source = describe_source(model)
+        if source == "folder" and os.path.isdir(os.path.expanduser(model)):
+            model = str(Path(model).expanduser().resolve())
+        elif source == "modelscope" and not model.startswith("modelscope://"):
+            model = "modelscope://" + model
+    return replace(settings, model=model)
+
+
 def build_application(
     settings: ServerSettings,
     replicas: int = 1,
@@ -141,9 +175,14 @@ def build_application(
     ``max_replicas`` on Ray Serve's ongoing-request signal (target: ``--max-batch-size`` per replica)."""
     from ray import serve
 
+    settings = driver_settings(settings)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    actor = {"num_gpus": 0 if num_gpus is None else num_gpus, "num_cpus": num_cpus}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     options: dict = {
         "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {"num_gpus": 0 if num_gpus is None else num_gpus, "num_cpus": num_cpus},
+        "ray_actor_options": actor,
         # a replica can take its whole batch and queue before Ray holds requests back
         "max_ongoing_requests": settings.max_batch_size + settings.max_queue,
         "health_check_period_s": 10,

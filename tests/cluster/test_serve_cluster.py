@@ -66,8 +66,11 @@ def test_requests_spread_over_both_replicas_and_models_says_two(cluster):
         assert r.status_code == 200, r.text
         seen.add(r.headers["x-glm4v-replica"])
     assert len(seen) == 2
-    card = _client(cluster).models.list().data[0].model_dump()
-    assert card["cluster"]["replicas_serving"] == 2 and card["cluster"]["replica"] in seen
+    deadline = time.time() + 15  # the count is refreshed in the background every 2 s
+    while (card := _client(cluster).models.list().data[0].model_dump())["cluster"]["replicas_serving"] != 2:
+        assert time.time() < deadline, card["cluster"]
+        time.sleep(0.5)
+    assert card["cluster"]["replica"] in seen
     metrics = httpx.get(f"{cluster}/metrics").text
     assert 'replica="' in metrics and "glm4v_requests_total" in metrics
 
@@ -139,3 +142,23 @@ def test_the_config_file_application_builds_from_the_environment(monkeypatch, ti
     assert deployment.name == "GLM4VReplica" and deployment.num_replicas == 3
     settings = deployment.init_args[0]
     assert settings["model"] == str(tiny_dir) and settings["precision"] == "fp32"
+
+
+def test_driver_settings_make_every_replica_read_the_same_model(tmp_path, monkeypatch, base_settings):
+    """A relative folder is made absolute on the driver (a replica elsewhere would read it as a hub id), a bare id
+    meant for ModelScope is spelled modelscope://, and the hub variables travel to the replicas (found in review)."""
+    from server.cluster import build_application, driver_settings
+
+    (tmp_path / "THUDM" / "glm-4v-9b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert driver_settings(replace(base_settings, model="THUDM/glm-4v-9b")).model == str(
+        tmp_path / "THUDM" / "glm-4v-9b"
+    )
+    monkeypatch.chdir("/")
+    assert driver_settings(replace(base_settings, model="THUDM/glm-4v-9b")).model == "THUDM/glm-4v-9b"
+    monkeypatch.setenv("GLM4V_USE_MODELSCOPE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
+    assert driver_settings(replace(base_settings, model="ZhipuAI/glm-4v-9b")).model == "modelscope://ZhipuAI/glm-4v-9b"
+    app = build_application(replace(base_settings, model="ZhipuAI/glm-4v-9b"))
+    env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["GLM4V_USE_MODELSCOPE"] == "1" and env["HF_ENDPOINT"] == "https://mirror.example"

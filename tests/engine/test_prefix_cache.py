@@ -227,3 +227,23 @@ def test_single_image_from_the_same_png_data(lm):
     assert image_key(a, 112, "fp32") == image_key(bytes(a), 112, "fp32") != image_key(a, 56, "fp32")
     assert image_key(a, 112, "fp32") != image_key(a, 112, "nf4")
     assert Image.open(__import__("io").BytesIO(a)).size == (10, 10)
+
+
+def test_a_text_prompt_never_reuses_a_kept_image(lm):
+    """Raw token ids (/v1/completions) can spell the image placeholders without an image: the match must stop at
+    the kept row's image, never attend to another request's patch entries (found in review)."""
+    img = _image(lm)
+    on, off = _engine(lm, True), _engine(lm, False)
+    try:
+        first = _request(lm, [(QUESTIONS[0], None)], img)
+        collect(on.submit(first))
+        spelled = first.prompt_ids + lm.tokenizer.encode(" more")  # same ids, no pixels
+        got = collect(on.submit(GenerationRequest(spelled, GREEDY)))
+        assert got == collect(off.submit(GenerationRequest(spelled, GREEDY)))
+        boi = first.prompt_ids.index(lm.model.config.boi_token_id)
+        assert on.prefix.reused_tokens <= boi
+    finally:
+        on.shutdown(timeout=5)
+        off.shutdown(timeout=5)
+    kept = RowRecord([1, 2, 3, 10, 11, 12, 4], image_key="A", boi=3, image_entries=10)
+    assert reusable(kept, RowRecord([1, 2, 3, 10, 11, 12, 4, 5])) == 3  # the text-only side stops at the kept boi

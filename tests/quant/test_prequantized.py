@@ -134,3 +134,29 @@ def test_models_endpoint_says_pre_quantized(tiny_dir, tmp_path, base_settings):
         answer = srv.post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert card["precision"] == "nf4" and card["quantization"]["prequantized"] is True
     assert any("pre-quantized" in n for n in card["notes"]) and answer.status_code == 200
+
+
+def test_a_folder_written_in_fp16_loads_in_fp16(tiny_dir, tmp_path):
+    """Its unquantized tensors are fp16: loading takes that dtype (found in review: it was cast to bf16 and every
+    forward failed), and asking for another is refused."""
+    out = tmp_path / "nf4-fp16"
+    _quantize(tiny_dir, out, "nf4", "--compute-dtype", "fp16")
+    assert held_quantization(out).float_dtype == "fp16"
+    pre = quant.open_model(quant.LoadRequest(model=str(out), device="cpu"))
+    fly = quant.load(tiny_dir, precision="nf4", compute_dtype="fp16", device="cpu")
+    _same_model(fly, pre, image=False)
+    with pytest.raises(CheckpointError, match="--compute-dtype bf16"):
+        quant.load(out, precision="nf4", compute_dtype="bf16", device="cpu")
+    mixed = ["--vision-precision", "fp16", "--compute-dtype", "bf16", "--out", str(tmp_path / "mixed")]
+    assert main(["quantize", "--model", str(tiny_dir), "--precision", "nf4", "--device", "cpu", *mixed]) == 2
+
+
+def test_held_reads_what_transformers_writes(tmp_path):
+    """`llm_int8_skip_modules: null` (a plain BitsAndBytesConfig) keeps the output layer in 16-bit; entries match
+    by substring, as transformers matches them."""
+    cfg = {"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    for skip, vision, head in ((None, "fp4", "bf16"), (["output_layer"], "fp4", "bf16"), (["vision"], "bf16", "fp4")):
+        cfg["quantization_config"]["llm_int8_skip_modules"] = skip
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        held = held_quantization(tmp_path)
+        assert (held.precision, held.vision_precision, held.lm_head_precision) == ("fp4", vision, head), skip
