@@ -173,22 +173,15 @@ class Matcher:
         """A stop token was accepted: the answer is complete."""
         return self._ll.is_stopped()
 
-    @property
-    def accepting(self) -> bool:
-        return self._ll.is_accepting()
-
 
 class Grammar:
     """A compiled response format; shared (read-only) by every request with the same schema."""
 
-    def __init__(self, ll_tokenizer, grammar: str, vocab_size: int, limits, description: str):
+    def __init__(self, ll_tokenizer, grammar: str, vocab_size: int, limits):
         import llguidance
 
-        self._tokenizer = ll_tokenizer
         self.grammar = grammar
         self.vocab_size = vocab_size
-        self.description = description
-        self._limits = limits
         self._template = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0, limits=limits)
         self._lock = threading.Lock()  # requests with the same schema copy the template from several threads
         if self._template.is_error():
@@ -261,7 +254,7 @@ class GrammarCompiler:
                 self.hits += 1
                 return hit
             self.misses += 1
-        grammar = self._build(close_objects(schema), "json_object" if kind == "json_object" else "json_schema")
+        grammar = self._build(close_objects(schema))
         with self._lock:
             if self.cache_size > 0:
                 self._cache[key] = grammar
@@ -269,7 +262,7 @@ class GrammarCompiler:
                     self._cache.popitem(last=False)
         return grammar
 
-    def _build(self, schema: dict, description: str) -> Grammar:
+    def _build(self, schema: dict) -> Grammar:
         import llguidance
 
         limits = llguidance.LLParserLimits(**LIMITS, verbose_errors=False)
@@ -281,4 +274,4 @@ class GrammarCompiler:
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer, limits=limits)
         if error and not error.startswith("WARNING"):
             raise GrammarError(_short(error))
-        return Grammar(tokenizer, grammar, self.vocab_size, limits, description)
+        return Grammar(tokenizer, grammar, self.vocab_size, limits)

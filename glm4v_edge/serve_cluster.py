@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
             target_ongoing_requests=args.target_ongoing_requests,
         )
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        _wait_running(serve, stop)
+        serve.run(app, name=APP_NAME, route_prefix="/")  # returns once every replica has loaded its model
         if not stop.is_set():
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
             where = f"http://{host}:{settings.port}/v1"
@@ -105,19 +104,6 @@ def default_gpus() -> float:
     import ray
 
     return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-
-
-def _wait_running(serve, stop: threading.Event) -> None:
-    """Until the application is RUNNING (every replica has loaded its model); raise if it fails to deploy."""
-    from server.cluster import APP_NAME
-
-    while not stop.is_set():
-        status = serve.status().applications.get(APP_NAME)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(status.message or status.status)
-        stop.wait(0.5)
 
 
 def _replicas_text(args) -> str:

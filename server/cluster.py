@@ -95,9 +95,6 @@ class ReplicaCount:
     def __call__(self) -> int:
         return self.value
 
-    def stop(self) -> None:
-        self._stop.set()
-
 
 class GLM4VReplica:
     """One replica: loads the model in its constructor (ready = loaded), then serves the project's FastAPI app."""
