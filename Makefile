@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS       ?=
 BIN         = $(VENV)/bin
 
-.PHONY: install serve test lint format gpu-bench gpu-wheels gpu-check clean
+.PHONY: install serve test lint format demo-model gpu-bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Retrain the shipped demo model (glm4v/demo_model, docs/DEMO.md): ~27 min on a 2-core CPU, seeded.
+demo-model: install
+	$(BIN)/python tools/train_demo.py --out glm4v/demo_model $(ARGS)
 
 # ruff: pyflakes, pycodestyle, import order and bugbear (pyproject.toml), and the formatter in check mode.
 lint: install

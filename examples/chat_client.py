@@ -1,6 +1,6 @@
 """Talk to a glm4v-edge server with plain ``requests`` + JSON: one image, a question, an optional follow-up turn.
 
-    glm4v-edge serve &                                    # the tiny demo model: answers are random text
+    glm4v-edge serve &                                    # the demo model: asks about drawn shapes
     python examples/chat_client.py --image photo.jpg "What's in this image?"
     python examples/chat_client.py --image https://example.com/cat.png --stream "Describe it"
     python examples/chat_client.py --image photo.jpg --follow-up "Is this a spring or a winter photo?" "What's here?"

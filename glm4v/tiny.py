@@ -1,4 +1,4 @@
-"""Random GLM-4V checkpoints in the exact official folder layout, for tests, the demo server and benchmarks.
+"""Random GLM-4V checkpoints in the exact official folder layout, for tests and benchmarks; the shipped demo model.
 
 ``write_checkpoint(dir)`` writes what a user downloads from ``THUDM/glm-4v-9b`` — ``config.json`` with every field
 of the official file, safetensors with the official key names (sharded with ``model.safetensors.index.json`` if
@@ -241,10 +241,7 @@ def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.bf
             w = 0.5 * torch.randn(t.shape, generator=g)
         sd[name] = w.to(dtype).contiguous()
     # The reference stores this persistent buffer; our loader ignores it. Keep it to exercise that path.
-    rd = cfg.kv_channels // 2
-    sd["transformer.rotary_pos_emb.inv_freq"] = (
-        1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
-    ).to(dtype)
+    sd["transformer.rotary_pos_emb.inv_freq"] = rotary_inv_freq(config, dtype)
     return sd
 
 
@@ -257,10 +254,24 @@ def write_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     **overrides,
 ) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = make_config(preset, image_size, **overrides)
     ranks = train_ranks(config["pad_token_id"])  # the special tokens start right after the ranks
+    return write_model_folder(out_dir, config, ranks, random_state_dict(config, seed, dtype), shards)
+
+
+def rotary_inv_freq(config: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The persistent buffer the reference stores as ``transformer.rotary_pos_emb.inv_freq`` (our loader ignores it)."""
+    kv = config["kv_channels"]
+    rd = kv // 2
+    return (1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))).to(dtype)
+
+
+def write_model_folder(
+    out_dir: str | Path, config: dict, ranks: dict[bytes, int], sd: dict[str, torch.Tensor], shards: int = 1
+) -> Path:
+    """config, generation config, tokenizer files and safetensors (sharded with an index if asked), official layout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps(
@@ -280,7 +291,6 @@ def write_checkpoint(
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(config), indent=2) + "\n")
     write_rank_file(out / "tokenizer.model", ranks)
 
-    sd = random_state_dict(config, seed, dtype)
     meta = {"format": "pt"}
     if shards <= 1:
         save_file(sd, str(out / "model.safetensors"), metadata=meta)
@@ -300,30 +310,15 @@ def write_checkpoint(
     return out
 
 
-def demo_checkpoint_dir() -> Path:
-    import os
-
-    root = os.environ.get("GLM4V_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "glm4v-edge")
-    return Path(root) / "demo-tiny"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
-def ensure_demo_checkpoint() -> Path:
-    """The built-in demo checkpoint (random weights, answers are noise), written on first use."""
-    import shutil
-    import tempfile
-
-    target = demo_checkpoint_dir()
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        write_checkpoint(tmp, preset="tiny", seed=0)
-        try:
-            tmp.rename(target)  # atomic: a concurrent first use sees a whole checkpoint or none
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def demo_model_dir() -> Path:
+    """The shipped demo model: a small GLM-4V-architecture checkpoint trained by ``tools/train_demo.py`` (docs/DEMO.md)
+    on drawn visual questions; what ``serve``/``chat`` run without ``--model``."""
+    if not (DEMO_MODEL_DIR / "config.json").is_file() or not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the demo model is missing from {DEMO_MODEL_DIR} (an install without package data?): "
+            "reinstall glm4v-edge, or pass --model"
+        )
+    return DEMO_MODEL_DIR

@@ -1,6 +1,6 @@
 """Ask one question (optionally about one image) and stream the answer to the terminal.
 
-Without --model it runs the built-in tiny demo checkpoint, whose answers are random text.
+Without --model it runs the shipped demo model (a small trained GLM-4V-architecture model, not GLM-4V-9B).
 """
 
 from __future__ import annotations

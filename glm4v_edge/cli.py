@@ -20,7 +20,7 @@ from . import __version__, chat, info, make_tiny, quantize, serve, serve_cluster
 
 COMMANDS = {
     # name: (module, one-line help)
-    "serve": (serve, "serve the OpenAI-compatible API (tiny random demo model when --model is not given)"),
+    "serve": (serve, "serve the OpenAI-compatible API (the built-in demo model when --model is not given)"),
     "serve-cluster": (serve_cluster, "the same API as replicas on Ray Serve: one per GPU, across machines ([cluster])"),
     "chat": (chat, "one-shot question about an image, streamed to the terminal"),
     "info": (info, "check a checkpoint folder and print what it holds"),

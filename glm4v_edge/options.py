@@ -58,7 +58,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, env: bool = True, preci
         "--model",
         env=env,
         help="GLM-4V-9B checkpoint: a folder, a Hugging Face id (THUDM/glm-4v-9b[@revision]) or a ModelScope id "
-        "(modelscope://ZhipuAI/glm-4v-9b; or a bare id with GLM4V_USE_MODELSCOPE=1); none = the built-in tiny demo",
+        "(modelscope://ZhipuAI/glm-4v-9b; or a bare id with GLM4V_USE_MODELSCOPE=1); none = the built-in demo model",
     )
     add(
         parser,

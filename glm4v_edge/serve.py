@@ -1,4 +1,4 @@
-"""Serve GLM-4V-9B over an OpenAI-compatible HTTP API (the built-in tiny random demo model when --model is not given).
+"""Serve GLM-4V-9B over an OpenAI-compatible HTTP API (the built-in demo model when --model is not given).
 
     glm4v-edge serve --model /models/glm-4v-9b --precision nf4 --api-key "$KEY"
 

@@ -3,6 +3,7 @@ p99), top-1 agreement and greedy-output match (llama.cpp's method), and task acc
 visual-QA set and/or user JSONL sets, with a 95% confidence interval.
 
 Example: glm4v-edge eval --model ~/glm-4v-9b --precision int8,nf4 --reference bf16 --out runs/eval
+The demo model on any laptop: glm4v-edge eval --precision fp32,bf16,int8,nf4,fp4 --reference fp32 --out runs/demo
 Any OpenAI-compatible server: glm4v-edge eval --base-url http://127.0.0.1:8000/v1 --out runs/eval-http
 """
 
@@ -37,27 +38,32 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--task",
         action="append",
-        help="'synthetic' (built-in, the default) or a JSONL file of {image, question, answers}; repeatable",
+        help="'demo' (the demo model's held-out questions; the default without --model), 'synthetic' (built-in "
+        "colour/shape/count/word/digits set at 1120 px; the default with --model) or a JSONL file of "
+        "{image, question, answers}; repeatable",
     )
     p.add_argument(
         "--limit",
         type=int,
         default=60,
-        help="items of the synthetic set, and at most this many per JSONL set (default 60)",
+        help="items of the demo and synthetic sets, and at most this many per JSONL set (default 60)",
     )
-    p.add_argument("--seed", type=int, default=0, help="synthetic set seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="demo / synthetic set seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length cap, greedy (default 16)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="--base-url: per-request timeout (default 300)")
     p.add_argument("--out", required=True, help="output folder (created)")
 
 
-def load_tasks(tasks: list[str] | None, limit: int, seed: int):
+def load_tasks(tasks: list[str] | None, limit: int, seed: int, default: str = "synthetic"):
+    from .vqa_demo import HELD_OUT_SEED, demo_items
     from .vqa_sets import load_jsonl_set
     from .vqa_synthetic import synthetic_items
 
     items, names = [], []
-    for t in tasks or ["synthetic"]:
-        if t == "synthetic":
+    for t in tasks or [default]:
+        if t == "demo":
+            items += demo_items(limit, HELD_OUT_SEED + seed)
+        elif t == "synthetic":
             items += synthetic_items(limit, seed)
         else:
             items += load_jsonl_set(t)[:limit]
@@ -76,9 +82,14 @@ def run(args) -> int:
             raise ValueError("--limit and --max-new-tokens must be at least 1")
         if args.base_url and args.model:
             raise ValueError("give --model DIR or --base-url URL, not both")
+        # No --model: the shipped demo model (as serve), scored on its own held-out questions by default.
+        default_task = "demo" if not args.base_url and not args.model else "synthetic"
+        items, task_names = load_tasks(args.task, args.limit, args.seed, default_task)
         if not args.base_url and not args.model:
-            raise ValueError("--model DIR (or --base-url URL) is required")
-        items, task_names = load_tasks(args.task, args.limit, args.seed)
+            from glm4v.tiny import demo_model_dir
+
+            args.model = str(demo_model_dir())
+            print(f"note: no --model: the demo model ({args.model}), not GLM-4V-9B", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

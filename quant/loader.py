@@ -98,7 +98,7 @@ class LoadedModel:
     checkpoint: CheckpointInfo
     weight_bytes: dict[str, int] = field(default_factory=dict)
     offload: tuple[str, ...] = ()  # parts kept in host memory (quant.offload)
-    demo: bool = False  # random weights (the demo checkpoint or --synthetic): answers mean nothing
+    demo: bool = False  # not GLM-4V-9B: the shipped demo model, or --synthetic random weights
     prequantized: bool = False  # read from a `glm4v-edge quantize` folder, not quantized while loading
 
     @property

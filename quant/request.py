@@ -4,7 +4,7 @@ Every front door — ``serve``, ``chat``, ``profile``, ``eval``, the benchmarks 
 its flags and calls :func:`open_model`, which makes the decisions in one order, in one place:
 
 1. the source: a checkpoint folder, random weights of an architecture (``synthetic``), or — neither given — the
-   built-in tiny demo checkpoint (random answers, said loudly);
+   shipped demo model (a 5 M-parameter GLM-4V-architecture model trained on drawn shapes, said loudly: not GLM-4V-9B);
 2. the device (``cuda`` when available, pinned to the current index);
 3. ``--precision auto`` → the best precision whose estimate fits the free memory for ``context`` × ``batch``;
 4. the load (:func:`quant.load`) or the synthetic build (:func:`quant.synthetic.build`), both of which end in the
@@ -24,15 +24,16 @@ from .offload import parse_offload
 log = logging.getLogger(__name__)
 
 DEMO_WARNING = (
-    "No --model given: using the built-in TINY DEMO checkpoint with RANDOM weights ({path}). "
-    "Its answers are random text. Pass --model /path/to/glm-4v-9b for the real model."
+    "No --model given: serving the built-in DEMO model ({path}), a 5 M-parameter model of the GLM-4V architecture "
+    "trained on drawn shapes, words, clocks and charts — NOT GLM-4V-9B. "
+    "Pass --model THUDM/glm-4v-9b (or a folder) for the real model."
 )
 AUTO_CONTEXT = 2048  # what --precision auto sizes for when no context is given (the context then fills the rest)
 
 
 @dataclass(frozen=True)
 class LoadRequest:
-    model: str | None = None  # checkpoint folder; None (and no synthetic) = the tiny demo checkpoint
+    model: str | None = None  # checkpoint folder or hub id; None (and no synthetic) = the shipped demo model
     synthetic: str | None = None  # "full" | "mid" | "tiny" | a config.json: random weights built on the device
     precision: str = "auto"
     vision_precision: str | None = None  # None = same as precision
@@ -75,10 +76,10 @@ class LoadRequest:
     def source_label(self) -> str:
         if self.synthetic:
             return f"synthetic {self.synthetic} (random weights)"
-        return self.model or "the built-in tiny demo checkpoint (random weights)"
+        return self.model or "the built-in demo model (not GLM-4V-9B)"
 
     def config(self):
-        """The architecture this request loads (reads only config.json; builds the demo checkpoint if needed)."""
+        """The architecture this request loads (reads only config.json)."""
         if self.synthetic:
             from .synthetic import synthetic_config
 
@@ -89,16 +90,16 @@ class LoadRequest:
 
     def model_dir(self) -> str:
         """The local checkpoint folder: ``--model`` itself, or a hub id resolved (downloaded, or found in the
-        cache) by :func:`quant.hub.resolve_model_path`; the demo checkpoint when there is none."""
+        cache) by :func:`quant.hub.resolve_model_path`; the shipped demo model when there is none."""
         if self.model:
             from .hub import resolve_model_path
 
             return resolve_model_path(self.model)
         if self.synthetic:
             raise ValueError("a synthetic model has no checkpoint folder")
-        from glm4v.tiny import ensure_demo_checkpoint
+        from glm4v.tiny import demo_model_dir
 
-        return str(ensure_demo_checkpoint())
+        return str(demo_model_dir())
 
     def resolve(self, config=None) -> LoadRequest:
         """The same request with the device made concrete and ``auto`` decided (logged with its reason), and the host

@@ -147,7 +147,7 @@ class Runtime:
                 lm.spec.label(),
                 device_name(lm.device),
                 self.engine.max_model_len,
-                " — TINY DEMO CHECKPOINT, ANSWERS ARE RANDOM" if self.demo else "",
+                " — the DEMO model, not GLM-4V-9B (pass --model)" if self.demo else "",
             )
         except Exception as e:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"

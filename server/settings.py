@@ -21,7 +21,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 @dataclass
 class ServerSettings:
     # --- the model (shared with `chat`: --model --precision --vision-precision ... --device) ---
-    model: str | None = None  # None = the built-in tiny demo checkpoint (random answers)
+    model: str | None = None  # None = the shipped demo model (docs/DEMO.md)
     synthetic: str | None = None  # "full" | "mid" | "tiny" | config.json: random weights built on the device
     precision: str = "auto"
     vision_precision: str | None = None

@@ -60,11 +60,12 @@ def test_open_model_loads_a_folder_and_builds_synthetic_weights(tiny_dir):
     assert str(syn.model_dir) == "synthetic/tiny"
 
 
-def test_open_model_without_a_source_is_the_demo_checkpoint_said_loudly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("GLM4V_EDGE_CACHE", str(tmp_path))
+def test_open_model_without_a_source_is_the_shipped_demo_model_said_loudly(caplog):
+    from glm4v.tiny import DEMO_MODEL_DIR
+
     lm = open_model(LoadRequest(precision="fp32", device="cpu"))
-    assert lm.demo and str(tmp_path) in str(lm.model_dir)
-    assert "TINY DEMO checkpoint with RANDOM weights" in caplog.text
+    assert lm.demo and lm.model_dir == DEMO_MODEL_DIR and lm.vision_size == 112
+    assert "built-in DEMO model" in caplog.text and "NOT GLM-4V-9B" in caplog.text
 
 
 @pytest.mark.parametrize("context,batch,expected", [(None, 1, AUTO_CONTEXT), (4096, 8, 4096)])

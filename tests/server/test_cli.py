@@ -137,21 +137,30 @@ def test_serve_command_end_to_end_with_sigterm_mid_stream(tiny_dir, tmp_path):
     assert "Application shutdown complete" in log and "Traceback" not in log
 
 
-def test_serve_without_model_runs_the_demo_loudly_and_stops_on_sigint(tmp_path):
-    proc, url = start_serve(
-        ["--precision", "fp32"], {"GLM4V_EDGE_CACHE": str(tmp_path / "cache")}, tmp_path / "demo.log"
-    )
+def test_serve_without_model_runs_the_demo_that_sees_and_stops_on_sigint(tmp_path):
+    """What `make serve` runs: the shipped demo model, said loudly, answering about a picture it has never seen."""
+    proc, url = start_serve([], {}, tmp_path / "demo.log")
     try:
         card = httpx.get(f"{url}/v1/models").json()["data"][0]
-        assert card["demo"] is True and card["root"] == "demo-tiny"
-        assert (tmp_path / "cache" / "demo-tiny" / "config.json").is_file()
+        assert (
+            card["demo"] is True
+            and card["root"] == "demo_model"
+            and "glm4v-edge/demo" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        )
+        for shape, colour in (("circle", "red"), ("triangle", "blue"), ("square", "yellow")):
+            out = subprocess.run(
+                [sys.executable, str(REPO / "examples" / "demo_request.py"), "--base-url", f"{url}/v1",
+                 "--shape", shape, "--colour", colour],
+                capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
+            assert out.stdout.strip() == f"It is {colour}.", out
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
     log = (tmp_path / "demo.log").read_text()
-    assert "RANDOM" in log and "Traceback" not in log
+    assert "NOT GLM-4V-9B" in log and "Traceback" not in log
 
 
 def test_serve_refuses_a_missing_media_folder(tmp_path, caplog):

@@ -1,0 +1,56 @@
+"""The precision ladder on the demo model: ``glm4v-edge eval`` with no ``--model`` scores the shipped demo model on
+its held-out questions. bf16 answers as fp32 does, int8 and nf4 stay within a stated margin, and the numbers are
+the same run to run (greedy decoding, seeded items, deterministic CPU kernels)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm4v_edge.cli import main
+
+LIMIT = 48
+# Margins in accuracy points below fp32 on these 48 items (docs/PROFILING.md has the full table on 400 items).
+MARGIN = {"fp32": 0.0, "bf16": 0.05, "int8": 0.08, "nf4": 0.15}
+
+
+def _run(out) -> dict[str, dict]:
+    rc = main(
+        ["eval", "--precision", "fp32,bf16,int8,nf4", "--reference", "fp32", "--limit", str(LIMIT), "--out", str(out)]
+    )
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return {r["precision"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("ladder-a")), _run(tmp_path_factory.mktemp("ladder-b"))
+
+
+def test_the_demo_model_is_far_above_chance_and_bf16_matches_fp32(ladder):
+    rows, _ = ladder
+    fp32 = rows["fp32"]
+    assert fp32["task"] == "demo" and fp32["n_items"] == LIMIT
+    assert fp32["accuracy"] >= 0.75  # chance is about 0.2
+    assert rows["bf16"]["greedy_match"] >= 0.95
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
+def test_each_precision_is_within_its_margin(ladder, precision):
+    rows, _ = ladder
+    assert rows[precision]["accuracy"] >= rows["fp32"]["accuracy"] - MARGIN[precision] - 1e-9
+
+
+def test_quantization_error_grows_down_the_ladder(ladder):
+    rows, _ = ladder
+    assert 0 < rows["bf16"]["kl_mean"] < rows["nf4"]["kl_mean"]
+    assert rows["int8"]["kl_mean"] < rows["nf4"]["kl_mean"]
+
+
+def test_the_numbers_are_reproducible(ladder):
+    a, b = ladder
+    for p in MARGIN:
+        for k in ("accuracy", "n_correct", "kl_mean", "kl_p99", "top1_agreement", "greedy_match"):
+            assert a[p][k] == b[p][k], (p, k)

@@ -1,0 +1,428 @@
+"""Train the shipped demo checkpoint: a small model of the exact GLM-4V architecture that answers visual questions.
+
+    .venv/bin/python tools/train_demo.py --out glm4v_edge/demo_model        # ~25 min on a 2-core CPU
+
+What it builds: the official ``config.json`` fields, key names and folder layout (``glm4v.tiny.write_model_folder``)
+at toy sizes — a 4-layer EVA2-CLIP ViT at 224 px (patch 14, 2×2 conv → 64 image tokens + boi/eoi) and a 4-layer
+GLM-4 language model — with the project's own byte-level BPE tokenizer trained on the task sentences. It learns the
+procedurally drawn questions of ``profiling/vqa_demo.py`` (colour, shape, count, position, size, a printed word, a
+digital clock, the tallest bar) answered in short sentences, plus a few plain-text exchanges.
+
+Seeded and deterministic for a given machine and torch build (a fixed number of steps, every random draw from a
+seeded generator, two intra-op threads). Images come from training seeds only (``random.Random(seed)`` streams
+below the held-out set's seed, see ``vqa_demo.demo_items``). Most steps run at 112 px and the last ones at 168 and
+the native 224 (progressive resizing: a 112-px step costs a quarter; the position table is resampled as
+``--vision-size`` does), so a lower ``--vision-size`` is a trained operating point, not a cliff. Images are
+augmented the way a client's would differ: drawn at other sizes and resized by the server's own preprocessing,
+JPEG-compressed.
+
+Two initialisation choices matter at this scale (found by experiment, see docs/DEMO.md): the projector's output
+and boi/eoi are scaled so image embeddings start at the token embeddings' magnitude (otherwise the LM learns to
+ignore the image and stalls at chance), and the learning rate is warmed up then decayed by a cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from glm4v import GLM4Tokenizer, ImageProcessor, Message, generation_prompt  # noqa: E402
+from glm4v.chat_template import build_prompt  # noqa: E402
+from glm4v.config import ChatGLMConfig  # noqa: E402
+from glm4v.modeling import ChatGLMForConditionalGeneration  # noqa: E402
+from glm4v.tiny import _CORPUS, make_config, rotary_inv_freq, train_ranks, write_model_folder  # noqa: E402
+from glm4v.tokenizer import SPECIAL_TOKENS  # noqa: E402
+from glm4v.vision import resample_position_table  # noqa: E402
+from profiling.vqa_demo import (  # noqa: E402
+    COLOURS,
+    MAX_COUNT,
+    MINUTES,
+    NATIVE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    demo_item,
+    demo_items,
+    follow_up_questions,
+    text_exchanges,
+    vocabulary_text,
+)
+
+ARCH = dict(
+    n_ranks=1200,
+    num_layers=4,
+    hidden_size=256,
+    num_attention_heads=4,
+    kv_channels=64,
+    multi_query_group_num=2,
+    ffn_hidden_size=512,
+    vision_hidden_size=192,
+    vision_heads=3,
+    vision_intermediate_size=384,
+    vision_layers=4,
+)
+# The model's native vision size: 112 px (8×8 patches → 16 image tokens). A trial run at 224 px native (progressive
+# resizing from 112) learned colour and charts but not position: 224-px steps cost four times as much.
+IMAGE_SIZE = 112
+# Harder kinds are drawn more often (weights found by short runs: colour/shape/size are learned first).
+# The first steps see only the kinds whose answer is a global property of the picture: once the language model has
+# learned to read the image tokens for those, the finer kinds follow (without it, the model sat at chance for the
+# first thousand steps of a trial run: the text template is learned long before the image is looked at).
+WARMUP_KINDS = ("colour", "shape", "size", "position")
+KIND_WEIGHTS = {
+    "colour": 0.5,
+    "shape": 1.5,
+    "count": 1.5,
+    "position": 2.5,
+    "size": 0.3,
+    "word": 0.6,
+    "clock": 0.4,
+    "chart": 0.5,
+}
+
+
+def build(seed: int):
+    config = make_config("tiny", image_size=IMAGE_SIZE, **ARCH)
+    config["_name_or_path"] = "glm4v-edge/demo"
+    ranks = train_ranks(config["pad_token_id"], _CORPUS + vocabulary_text())
+    special = {t: config["pad_token_id"] + i for i, t in enumerate(SPECIAL_TOKENS)}
+    tok = GLM4Tokenizer(ranks, special, IMAGE_SIZE)
+    torch.manual_seed(seed)
+    cfg = ChatGLMConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
+    model = ChatGLMForConditionalGeneration(cfg).float()
+    with torch.no_grad():  # image embeddings at the token embeddings' scale (see the module docstring)
+        v = model.transformer.vision
+        for m in v.modules():  # PyTorch's own (fan-in) init for the tower: it learned faster than N(0, 0.02) in trials
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.reset_parameters()
+        for layer in v.transformer.layers:  # mimetic attention init (Trockman & Kolter 2023): W_q·W_kᵀ ≈ W_v ≈ I
+            qkv, d = layer.attention.query_key_value.weight, layer.attention.dense.weight.shape[0]
+            eye = torch.eye(d)
+            for i in range(3):
+                qkv[i * d : (i + 1) * d].copy_(eye + 0.02 * torch.randn(d, d))
+            layer.attention.dense.weight.copy_(eye + 0.02 * torch.randn(d, d))
+        pe = v.patch_embedding.position_embedding.weight  # 2-D sin-cos positions (MAE), at the patches' scale
+        pe[0].zero_()
+        pe[1:].copy_(sincos_2d(pe.shape[1], v.patch_embedding.trained_grid))
+        v.linear_proj.dense_4h_to_h.weight.mul_(40.0)
+        v.boi.normal_(0, 1).mul_(v.scaling_factor)
+        v.eoi.normal_(0, 1).mul_(v.scaling_factor)
+    return config, ranks, tok, model
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid², dim) fixed 2-D sine-cosine position codes (MAE's), half the channels for rows, half for columns."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def differentiable_positions(model) -> None:
+    """Training at a smaller vision size must back-propagate into the position table (inference caches it)."""
+    pe = model.transformer.vision.patch_embedding
+
+    def position_table(grid: int) -> torch.Tensor:
+        return resample_position_table(pe.position_embedding.weight, pe.trained_grid, grid)
+
+    pe.position_table = position_table
+
+
+class Stream:
+    """An endless seeded stream of (pixels, prompt ids, answer ids)."""
+
+    def __init__(self, tok: GLM4Tokenizer, seed: int):
+        self.tok = tok
+        self.rng = random.Random(seed)
+        self.kinds = list(KIND_WEIGHTS)
+        self.weights = [KIND_WEIGHTS[k] for k in self.kinds]
+        self.eos = tok.token_id("<|user|>")
+        self.proc = ImageProcessor(IMAGE_SIZE)
+        self.labels_only = False
+        # Recent loss per kind, for the log.
+        self.loss = {k: 1.0 for k in self.kinds}
+
+    def record(self, kinds: list[str], losses: torch.Tensor) -> None:
+        for k, v in zip(kinds, losses.tolist(), strict=True):
+            self.loss[k] = 0.97 * self.loss[k] + 0.03 * v
+
+    def image_batch(self, n: int, size: int, kinds: tuple[str, ...] | None = None):
+        out = []
+        weights = self.weights
+        self.last_kinds = []
+        for _ in range(n):
+            if kinds:
+                kind = self.rng.choice(kinds)
+            else:
+                kind = self.rng.choices(self.kinds, weights)[0]
+            self.last_kinds.append(kind)
+            side = NATIVE if self.rng.random() < 0.6 else self.rng.randint(160, 480)
+            item = demo_item(kind, self.rng, side)
+            im = item.open_image()
+            if self.rng.random() < 0.3:
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=self.rng.randint(60, 95))
+                im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+            px = self.proc(im, size)
+            if self.labels_only:
+                out.append((px, kind, LABELS[kind].index(item.meta["value"])))
+                continue
+            qa = [(item.question, item.answers[0])] + follow_up_questions(item, self.rng)
+            self.rng.shuffle(qa)
+            out.append((px, *self.conversation(qa)))
+        return out
+
+    def conversation(self, qa: list[tuple[str, str]], image: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """One chat about the image: the ids, and the (start, end) spans to learn — each answer and the
+        ``<|user|>`` that ends its turn (the chat template's own prefixes, so generation sees the same ids)."""
+        messages, spans = [], []
+        for i, (q, a) in enumerate(qa):
+            messages.append(Message("user", q, has_image=image and i == 0))
+            start = len(generation_prompt(self.tok, messages).ids)
+            messages.append(Message("assistant", a))
+            spans.append((start, start + len(self.tok.encode(a)) + 1))
+        ids = build_prompt(self.tok, messages, add_generation_prompt=False).ids + [self.eos]
+        return ids, spans
+
+    def text_batch(self, n: int):
+        out = []
+        for _ in range(n):
+            q, a = self.rng.choice(text_exchanges())
+            out.append((None, *self.conversation([(q, a)], image=False)))
+        return out
+
+
+LABELS = {
+    "colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "count": [str(n) for n in range(1, MAX_COUNT + 1)],
+    "position": list(POSITIONS),
+    "size": list(SIZES),
+    "word": list(WORDS),
+    "clock": [f"{h}:{m}" for h in range(1, 13) for m in MINUTES],
+    "chart": list(COLOURS),
+}
+
+
+class VisionProbe(torch.nn.Module):
+    """Stage 0's throw-away heads: per kind, attention pooling (one learned query) and mean pooling of the image
+    embeddings the language model will read, then a linear classifier over the kind's answers."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.query = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(width) * 0.02) for k in LABELS})
+        self.head = torch.nn.ModuleDict({k: torch.nn.Linear(2 * width, len(v)) for k, v in LABELS.items()})
+
+    def forward(self, feats: torch.Tensor, kinds: list[str]) -> list[torch.Tensor]:
+        feats = F.layer_norm(feats, feats.shape[-1:])
+        out = []
+        for i, k in enumerate(kinds):
+            f = feats[i]
+            w = torch.softmax(f @ self.query[k] / f.shape[-1] ** 0.5, dim=0)
+            out.append(self.head[k](torch.cat([w @ f, f.mean(0)])))
+        return out
+
+
+def pretrain_vision(model, stream: Stream, steps: int, batch: int, lr: float, log_every: int) -> float:
+    """Stage 0: the vision tower and projector learn the drawn pictures by direct classification (the standard VLM
+    recipe starts from a pretrained vision encoder; this is ours, in a minute or two). Returns the last accuracy."""
+    vision = model.transformer.vision
+    probe = VisionProbe(model.config.hidden_size)
+    params = list(vision.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    stream.labels_only = True
+    acc, t0 = 0.0, time.time()
+    for step in range(steps):
+        rows = stream.image_batch(batch, 112)
+        feats = vision(torch.stack([px for px, _, _ in rows]))[:, 1:-1]  # the patch tokens, boi/eoi dropped
+        logits = probe(feats, [k for _, k, _ in rows])
+        labels = [y for _, _, y in rows]
+        loss = sum(F.cross_entropy(lg[None], torch.tensor([y])) for lg, y in zip(logits, labels, strict=True))
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50)
+        opt.zero_grad(set_to_none=True)
+        (loss / len(rows)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hits = sum(int(lg.argmax()) == y for lg, y in zip(logits, labels, strict=True)) / len(rows)
+        acc = hits if step == 0 else 0.95 * acc + 0.05 * hits
+        if (step + 1) % log_every == 0:
+            el = time.time() - t0
+            print(
+                f"vision step {step + 1}/{steps} loss {loss.item() / len(rows):.3f} acc {acc:.2f} {el:.0f}s", flush=True
+            )
+    stream.labels_only = False
+    return acc
+
+
+def batch_loss(model, batch, pad: int, image_extra: int, per_row: bool = False):
+    """Next-token loss on the answers (and their end-of-turn tokens) only; with ``per_row``, also each row's."""
+    width = max(len(seq) for _, seq, _ in batch)
+    ids = torch.full((len(batch), width), pad)
+    tgt = torch.full((len(batch), width), -100)
+    for i, (_, seq, spans) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        for start, end in spans:  # predict each target id from the one before it
+            tgt[i, start - 1 : end - 1] = torch.tensor(seq[start:end])
+    if batch[0][0] is None:
+        logits = model(ids).logits
+    else:
+        logits = model(ids, pixel_values=torch.stack([x for x, _, _ in batch])).logits[:, image_extra:]
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(tgt.shape)
+    counted = (tgt != -100).sum()
+    loss = flat.sum() / counted
+    if per_row:
+        return loss, (flat.sum(1) / (tgt != -100).sum(1)).detach()
+    return loss
+
+
+@torch.no_grad()
+def greedy(model, tok, question: str, pixels: torch.Tensor | None, max_new: int = 16) -> str:
+    ids = generation_prompt(tok, [Message("user", question, has_image=pixels is not None)]).ids
+    stops = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
+    stops |= {tok.token_id("<|user|>"), tok.token_id("<|endoftext|>"), tok.token_id("<|observation|>")}
+    cache = model.new_cache(max_len=len(ids) + 80 + max_new, dtype=torch.float32)
+    logits = model(torch.tensor([ids]), pixel_values=None if pixels is None else pixels[None], cache=cache).logits
+    out = []
+    for _ in range(max_new):
+        t = int(logits[0, -1].argmax())
+        if t in stops:
+            break
+        out.append(t)
+        logits = model(torch.tensor([[t]]), cache=cache).logits
+    return tok.decode(out)
+
+
+def held_out(model, tok, n: int, size: int = IMAGE_SIZE) -> dict:
+    proc = ImageProcessor(size)
+    items = demo_items(n)
+    by_kind: dict[str, list[int]] = {}
+    for it in items:
+        ok = greedy(model, tok, it.question, proc(it.open_image())) == it.answers[0]
+        by_kind.setdefault(it.category, []).append(ok)
+    by_kind_acc = {k: round(sum(v) / len(v), 3) for k, v in by_kind.items()}
+    return {"accuracy": round(sum(map(sum, by_kind.values())) / n, 3), "by_kind": by_kind_acc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="glm4v_edge/demo_model", help="checkpoint folder (default: the shipped one)")
+    ap.add_argument("--steps", type=int, default=4400)
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-items", type=int, default=400, help="held-out items scored at the end (0: none)")
+    ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on the easy kinds only")
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--vision-steps", type=int, default=0, help="stage 0: vision pretraining steps")
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--probe-every", type=int, default=0, help="score 48 held-out items every N steps (0: never)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    config, ranks, tok, model = build(args.seed)
+    differentiable_positions(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters {n_params / 1e6:.2f} M, vocabulary {len(ranks)} ranks", flush=True)
+    stream = Stream(tok, args.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    warmup = max(1, args.steps // 30)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    pad = config["pad_token_id"]
+    model.train()
+    t0 = time.time()
+    vision_acc = (
+        pretrain_vision(model, stream, args.vision_steps, args.batch, args.vision_lr, args.log_every)
+        if args.vision_steps
+        else None
+    )
+    running = None
+    for step in range(args.steps):
+        size = IMAGE_SIZE
+        extra = model.config.vision.image_tokens(size) - 3
+        kinds = WARMUP_KINDS if step < args.curriculum * args.steps else None
+        loss, rows = batch_loss(model, stream.image_batch(args.batch, size, kinds), pad, extra, per_row=True)
+        stream.record(stream.last_kinds, rows)
+        if step % 4 == 0:
+            loss = loss + 0.25 * batch_loss(model, stream.text_batch(8), pad, 0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % args.log_every == 0:
+            el = time.time() - t0
+            print(f"step {step + 1}/{args.steps} loss {running:.3f} lr {lr_at(step):.2e} {el:.0f}s", flush=True)
+            print("  kind losses " + " ".join(f"{k} {v:.2f}" for k, v in stream.loss.items()), flush=True)
+        if args.probe_every and (step + 1) % args.probe_every == 0:
+            model.eval()
+            r = held_out(model, tok, 48, size)
+            print(f"  probe at {size} px: {r['accuracy']:.2f} {r['by_kind']}", flush=True)
+            model.train()
+    train_s = time.time() - t0
+    model.eval()
+
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    sd["transformer.rotary_pos_emb.inv_freq"] = rotary_inv_freq(config)
+    out = write_model_folder(args.out, config, ranks, sd)
+    report = {
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "parameters": n_params,
+        "train_seconds": round(train_s, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "final_loss": round(running, 4),
+        "vision_steps": args.vision_steps,
+        "vision_pretrain_accuracy": vision_acc and round(vision_acc, 3),
+    }
+    if args.eval_items:
+        model.to(torch.bfloat16)  # score what is shipped: the bf16 weights
+        model.float()
+        report["held_out_fp32"] = held_out(model, tok, args.eval_items)
+        print(json.dumps(report["held_out_fp32"], indent=1), flush=True)
+    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} in {train_s / 60:.1f} min of training", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
