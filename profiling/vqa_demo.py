@@ -218,7 +218,8 @@ def demo_item(kind: str, rng: random.Random, side: int = NATIVE, index: int = 0,
         img = partial(draw_chart, tuple(heights), cols, s, side)
     else:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-    meta = {"kind": kind, "value": value, "seed": s, "colour": colour, "shape": shape}
+    # prompt_suffix "": the question as trained, without eval's "Short Answer." suffix for real models.
+    meta = {"kind": kind, "value": value, "seed": s, "colour": colour, "shape": shape, "prompt_suffix": ""}
     return Item(f"{prefix}-{index:04d}", q, [answer_sentence(kind, value)], img, kind, meta)
 
 

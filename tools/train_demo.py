@@ -1,6 +1,6 @@
 """Train the shipped demo checkpoint: a small model of the exact GLM-4V architecture that answers visual questions.
 
-    .venv/bin/python tools/train_demo.py --out glm4v_edge/demo_model        # ~25 min on a 2-core CPU
+    .venv/bin/python tools/train_demo.py --out glm4v/demo_model        # ~26 min on a 2-core CPU (make demo-model)
 
 What it builds: the official ``config.json`` fields, key names and folder layout (``glm4v.tiny.write_model_folder``)
 at toy sizes — a 4-layer EVA2-CLIP ViT at 224 px (patch 14, 2×2 conv → 64 image tokens + boi/eoi) and a 4-layer
@@ -328,7 +328,7 @@ def held_out(model, tok, n: int, size: int = IMAGE_SIZE) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="glm4v_edge/demo_model", help="checkpoint folder (default: the shipped one)")
+    ap.add_argument("--out", default="glm4v/demo_model", help="checkpoint folder (default: the shipped one)")
     ap.add_argument("--steps", type=int, default=4400)
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1.5e-3)

@@ -11,8 +11,9 @@ import pytest
 from glm4v_edge.cli import main
 
 LIMIT = 48
-# Margins in accuracy points below fp32 on these 48 items (docs/PROFILING.md has the full table on 400 items).
-MARGIN = {"fp32": 0.0, "bf16": 0.05, "int8": 0.08, "nf4": 0.15}
+# Margins in accuracy below fp32 on these 48 items. On 96 items (docs/PROFILING.md) fp32 scores 0.500, bf16 and
+# int8 0.490, nf4 0.479: one or two answers of 96.
+MARGIN = {"fp32": 0.0, "bf16": 0.05, "int8": 0.05, "nf4": 0.08}
 
 
 def _run(out) -> dict[str, dict]:
@@ -33,7 +34,7 @@ def test_the_demo_model_is_far_above_chance_and_bf16_matches_fp32(ladder):
     rows, _ = ladder
     fp32 = rows["fp32"]
     assert fp32["task"] == "demo" and fp32["n_items"] == LIMIT
-    assert fp32["accuracy"] >= 0.75  # chance is about 0.2
+    assert fp32["accuracy"] >= 0.4  # chance is about 0.2 (the demo model's held-out accuracy: 0.525 on 400 items)
     assert rows["bf16"]["greedy_match"] >= 0.95
 
 
