@@ -23,17 +23,9 @@ from functools import partial
 from PIL import Image, ImageDraw, ImageFont
 
 from .vqa_sets import Item
+from .vqa_synthetic import COLOURS  # the same seven colours, the same RGB
 
 NATIVE = 224
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 150, 60),
-    "blue": (30, 70, 220),
-    "yellow": (240, 200, 20),
-    "orange": (245, 130, 20),
-    "purple": (130, 50, 170),
-    "black": (20, 20, 20),
-}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
 SIZES = ("big", "small")
