@@ -3,22 +3,20 @@
     .venv/bin/python tools/train_demo.py --out glm4v/demo_model        # ~26 min on a 2-core CPU (make demo-model)
 
 What it builds: the official ``config.json`` fields, key names and folder layout (``glm4v.tiny.write_model_folder``)
-at toy sizes — a 4-layer EVA2-CLIP ViT at 224 px (patch 14, 2×2 conv → 64 image tokens + boi/eoi) and a 4-layer
+at toy sizes — a 4-layer EVA2-CLIP ViT at 112 px (patch 14, 2×2 conv → 16 image tokens + boi/eoi) and a 4-layer
 GLM-4 language model — with the project's own byte-level BPE tokenizer trained on the task sentences. It learns the
 procedurally drawn questions of ``profiling/vqa_demo.py`` (colour, shape, count, position, size, a printed word, a
-digital clock, the tallest bar) answered in short sentences, plus a few plain-text exchanges.
+digital clock, the tallest bar) answered in short sentences, several per picture as a multi-turn chat, plus a few
+plain-text exchanges.
 
 Seeded and deterministic for a given machine and torch build (a fixed number of steps, every random draw from a
-seeded generator, two intra-op threads). Images come from training seeds only (``random.Random(seed)`` streams
-below the held-out set's seed, see ``vqa_demo.demo_items``). Most steps run at 112 px and the last ones at 168 and
-the native 224 (progressive resizing: a 112-px step costs a quarter; the position table is resampled as
-``--vision-size`` does), so a lower ``--vision-size`` is a trained operating point, not a cliff. Images are
-augmented the way a client's would differ: drawn at other sizes and resized by the server's own preprocessing,
-JPEG-compressed.
+seeded generator, two intra-op threads, deterministic kernels). Images come from training seeds only
+(``random.Random(seed)`` streams below the held-out set's seed, see ``vqa_demo.demo_items``) and are augmented the
+way a client's would differ: drawn at other sizes and resized by the server's own preprocessing, JPEG-compressed.
 
-Two initialisation choices matter at this scale (found by experiment, see docs/DEMO.md): the projector's output
-and boi/eoi are scaled so image embeddings start at the token embeddings' magnitude (otherwise the LM learns to
-ignore the image and stalls at chance), and the learning rate is warmed up then decayed by a cosine.
+Initial values matter at this scale (trial runs in docs/DEMO.md): image embeddings scaled to the token embeddings'
+magnitude, 2-D sine-cosine vision positions, fan-in init and mimetic attention for the tower; then AdamW with
+warm-up and cosine decay.
 """
 
 from __future__ import annotations
@@ -39,22 +37,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glm4v import GLM4Tokenizer, ImageProcessor, Message, generation_prompt  # noqa: E402
+from glm4v import GLM4Tokenizer, ImageProcessor, Message, SamplingParams, expanded_length, generation_prompt  # noqa: E402
 from glm4v.chat_template import build_prompt  # noqa: E402
 from glm4v.config import ChatGLMConfig  # noqa: E402
+from glm4v.generate import generate_text  # noqa: E402
 from glm4v.modeling import ChatGLMForConditionalGeneration  # noqa: E402
 from glm4v.tiny import _CORPUS, make_config, rotary_inv_freq, train_ranks, write_model_folder  # noqa: E402
 from glm4v.tokenizer import SPECIAL_TOKENS  # noqa: E402
-from glm4v.vision import resample_position_table  # noqa: E402
 from profiling.vqa_demo import (  # noqa: E402
-    COLOURS,
-    MAX_COUNT,
-    MINUTES,
     NATIVE,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    WORDS,
     demo_item,
     demo_items,
     follow_up_questions,
@@ -79,10 +70,6 @@ ARCH = dict(
 # resizing from 112) learned colour and charts but not position: 224-px steps cost four times as much.
 IMAGE_SIZE = 112
 # Harder kinds are drawn more often (weights found by short runs: colour/shape/size are learned first).
-# The first steps see only the kinds whose answer is a global property of the picture: once the language model has
-# learned to read the image tokens for those, the finer kinds follow (without it, the model sat at chance for the
-# first thousand steps of a trial run: the text template is learned long before the image is looked at).
-WARMUP_KINDS = ("colour", "shape", "size", "position")
 KIND_WEIGHTS = {
     "colour": 0.5,
     "shape": 1.5,
@@ -138,16 +125,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def differentiable_positions(model) -> None:
-    """Training at a smaller vision size must back-propagate into the position table (inference caches it)."""
-    pe = model.transformer.vision.patch_embedding
-
-    def position_table(grid: int) -> torch.Tensor:
-        return resample_position_table(pe.position_embedding.weight, pe.trained_grid, grid)
-
-    pe.position_table = position_table
-
-
 class Stream:
     """An endless seeded stream of (pixels, prompt ids, answer ids)."""
 
@@ -158,7 +135,6 @@ class Stream:
         self.weights = [KIND_WEIGHTS[k] for k in self.kinds]
         self.eos = tok.token_id("<|user|>")
         self.proc = ImageProcessor(IMAGE_SIZE)
-        self.labels_only = False
         # Recent loss per kind, for the log.
         self.loss = {k: 1.0 for k in self.kinds}
 
@@ -166,15 +142,11 @@ class Stream:
         for k, v in zip(kinds, losses.tolist(), strict=True):
             self.loss[k] = 0.97 * self.loss[k] + 0.03 * v
 
-    def image_batch(self, n: int, size: int, kinds: tuple[str, ...] | None = None):
+    def image_batch(self, n: int, size: int):
         out = []
-        weights = self.weights
         self.last_kinds = []
         for _ in range(n):
-            if kinds:
-                kind = self.rng.choice(kinds)
-            else:
-                kind = self.rng.choices(self.kinds, weights)[0]
+            kind = self.rng.choices(self.kinds, self.weights)[0]
             self.last_kinds.append(kind)
             side = NATIVE if self.rng.random() < 0.6 else self.rng.randint(160, 480)
             item = demo_item(kind, self.rng, side)
@@ -184,9 +156,6 @@ class Stream:
                 im.save(buf, format="JPEG", quality=self.rng.randint(60, 95))
                 im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
             px = self.proc(im, size)
-            if self.labels_only:
-                out.append((px, kind, LABELS[kind].index(item.meta["value"])))
-                continue
             qa = [(item.question, item.answers[0])] + follow_up_questions(item, self.rng)
             self.rng.shuffle(qa)
             out.append((px, *self.conversation(qa)))
@@ -212,69 +181,6 @@ class Stream:
         return out
 
 
-LABELS = {
-    "colour": list(COLOURS),
-    "shape": list(SHAPES),
-    "count": [str(n) for n in range(1, MAX_COUNT + 1)],
-    "position": list(POSITIONS),
-    "size": list(SIZES),
-    "word": list(WORDS),
-    "clock": [f"{h}:{m}" for h in range(1, 13) for m in MINUTES],
-    "chart": list(COLOURS),
-}
-
-
-class VisionProbe(torch.nn.Module):
-    """Stage 0's throw-away heads: per kind, attention pooling (one learned query) and mean pooling of the image
-    embeddings the language model will read, then a linear classifier over the kind's answers."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.query = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.randn(width) * 0.02) for k in LABELS})
-        self.head = torch.nn.ModuleDict({k: torch.nn.Linear(2 * width, len(v)) for k, v in LABELS.items()})
-
-    def forward(self, feats: torch.Tensor, kinds: list[str]) -> list[torch.Tensor]:
-        feats = F.layer_norm(feats, feats.shape[-1:])
-        out = []
-        for i, k in enumerate(kinds):
-            f = feats[i]
-            w = torch.softmax(f @ self.query[k] / f.shape[-1] ** 0.5, dim=0)
-            out.append(self.head[k](torch.cat([w @ f, f.mean(0)])))
-        return out
-
-
-def pretrain_vision(model, stream: Stream, steps: int, batch: int, lr: float, log_every: int) -> float:
-    """Stage 0: the vision tower and projector learn the drawn pictures by direct classification (the standard VLM
-    recipe starts from a pretrained vision encoder; this is ours, in a minute or two). Returns the last accuracy."""
-    vision = model.transformer.vision
-    probe = VisionProbe(model.config.hidden_size)
-    params = list(vision.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    stream.labels_only = True
-    acc, t0 = 0.0, time.time()
-    for step in range(steps):
-        rows = stream.image_batch(batch, 112)
-        feats = vision(torch.stack([px for px, _, _ in rows]))[:, 1:-1]  # the patch tokens, boi/eoi dropped
-        logits = probe(feats, [k for _, k, _ in rows])
-        labels = [y for _, _, y in rows]
-        loss = sum(F.cross_entropy(lg[None], torch.tensor([y])) for lg, y in zip(logits, labels, strict=True))
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50)
-        opt.zero_grad(set_to_none=True)
-        (loss / len(rows)).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        hits = sum(int(lg.argmax()) == y for lg, y in zip(logits, labels, strict=True)) / len(rows)
-        acc = hits if step == 0 else 0.95 * acc + 0.05 * hits
-        if (step + 1) % log_every == 0:
-            el = time.time() - t0
-            print(
-                f"vision step {step + 1}/{steps} loss {loss.item() / len(rows):.3f} acc {acc:.2f} {el:.0f}s", flush=True
-            )
-    stream.labels_only = False
-    return acc
-
-
 def batch_loss(model, batch, pad: int, image_extra: int, per_row: bool = False):
     """Next-token loss on the answers (and their end-of-turn tokens) only; with ``per_row``, also each row's."""
     width = max(len(seq) for _, seq, _ in batch)
@@ -298,21 +204,16 @@ def batch_loss(model, batch, pad: int, image_extra: int, per_row: bool = False):
     return loss
 
 
-@torch.no_grad()
 def greedy(model, tok, question: str, pixels: torch.Tensor | None, max_new: int = 16) -> str:
+    """The answer by the project's own decode loop (glm4v.generate), greedy."""
     ids = generation_prompt(tok, [Message("user", question, has_image=pixels is not None)]).ids
-    stops = set(model.config.eos_token_ids) if hasattr(model.config, "eos_token_ids") else set()
-    stops |= {tok.token_id("<|user|>"), tok.token_id("<|endoftext|>"), tok.token_id("<|observation|>")}
-    cache = model.new_cache(max_len=len(ids) + 80 + max_new, dtype=torch.float32)
-    logits = model(torch.tensor([ids]), pixel_values=None if pixels is None else pixels[None], cache=cache).logits
-    out = []
-    for _ in range(max_new):
-        t = int(logits[0, -1].argmax())
-        if t in stops:
-            break
-        out.append(t)
-        logits = model(torch.tensor([[t]]), cache=cache).logits
-    return tok.decode(out)
+    image_tokens = model.config.vision.image_tokens(pixels.shape[-1]) if pixels is not None else None
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
+    with torch.inference_mode():
+        text, _, _ = generate_text(
+            model, tok, ids, pixels, params, max_len=expanded_length(len(ids), image_tokens) + max_new
+        )
+    return text
 
 
 def held_out(model, tok, n: int, size: int = IMAGE_SIZE) -> dict:
@@ -334,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-items", type=int, default=400, help="held-out items scored at the end (0: none)")
-    ap.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on the easy kinds only")
     ap.add_argument("--wd", type=float, default=0.01)
-    ap.add_argument("--vision-steps", type=int, default=0, help="stage 0: vision pretraining steps")
-    ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--probe-every", type=int, default=0, help="score 48 held-out items every N steps (0: never)")
     args = ap.parse_args(argv)
@@ -345,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     config, ranks, tok, model = build(args.seed)
-    differentiable_positions(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params / 1e6:.2f} M, vocabulary {len(ranks)} ranks", flush=True)
     stream = Stream(tok, args.seed)
@@ -365,17 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     pad = config["pad_token_id"]
     model.train()
     t0 = time.time()
-    vision_acc = (
-        pretrain_vision(model, stream, args.vision_steps, args.batch, args.vision_lr, args.log_every)
-        if args.vision_steps
-        else None
-    )
     running = None
     for step in range(args.steps):
         size = IMAGE_SIZE
         extra = model.config.vision.image_tokens(size) - 3
-        kinds = WARMUP_KINDS if step < args.curriculum * args.steps else None
-        loss, rows = batch_loss(model, stream.image_batch(args.batch, size, kinds), pad, extra, per_row=True)
+        loss, rows = batch_loss(model, stream.image_batch(args.batch, size), pad, extra, per_row=True)
         stream.record(stream.last_kinds, rows)
         if step % 4 == 0:
             loss = loss + 0.25 * batch_loss(model, stream.text_batch(8), pad, 0)
@@ -411,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "final_loss": round(running, 4),
-        "vision_steps": args.vision_steps,
-        "vision_pretrain_accuracy": vision_acc and round(vision_acc, 3),
     }
     if args.eval_items:
         model.to(torch.bfloat16)  # score what is shipped: the bf16 weights
