@@ -45,7 +45,13 @@ from glm4v.modeling import ChatGLMForConditionalGeneration  # noqa: E402
 from glm4v.tiny import _CORPUS, make_config, rotary_inv_freq, train_ranks, write_model_folder  # noqa: E402
 from glm4v.tokenizer import SPECIAL_TOKENS  # noqa: E402
 from profiling.vqa_demo import (  # noqa: E402
+    COLOURS,
+    MAX_COUNT,
     NATIVE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
     demo_item,
     demo_items,
     follow_up_questions,
@@ -72,14 +78,83 @@ IMAGE_SIZE = 112
 # Harder kinds are drawn more often (weights found by short runs: colour/shape/size are learned first).
 KIND_WEIGHTS = {
     "colour": 0.5,
-    "shape": 1.5,
+    "shape": 1.8,
     "count": 1.5,
     "position": 2.5,
     "size": 0.3,
     "word": 0.6,
     "clock": 0.4,
-    "chart": 0.5,
+    "chart": 0.4,
 }
+
+
+# The auxiliary objective's labels: what each picture shows, read by a linear head from the *mean* of its image tokens.
+AUX_LABELS = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "position": POSITIONS,
+    "count": tuple(str(n) for n in range(1, MAX_COUNT + 1)),
+    "size": SIZES,
+    "word": WORDS,
+}
+
+
+def aux_targets(meta: dict) -> dict[str, int]:
+    """The labels a picture has: its kind's value, plus the shape and colour of every one-shape picture."""
+    kind, out = meta["kind"], {}
+    if kind in AUX_LABELS:
+        out[kind] = AUX_LABELS[kind].index(meta["value"])
+    if kind in ("colour", "shape", "position", "size", "count"):
+        out["shape"] = SHAPES.index(meta["shape"])
+        out["colour"] = list(COLOURS).index(meta["colour"])
+    return out
+
+
+class AuxHeads(torch.nn.Module):
+    """Throw-away linear heads on the mean of a picture's image tokens (never saved).
+
+    The language model sees the image tokens at one shared position, so it must *select* the tokens that hold an
+    object before it can say where the object is; at the start its attention is close to a uniform average. These
+    heads ask the tower for features that an average already answers — position, shape, count, colour, size, word —
+    so the language model can read them before it has learned to select. One more head, per image token, names the
+    shape whose ink the token's 28×28-pixel square holds (or none): sixteen labels a picture instead of one, which
+    teaches the tower shapes faster (a short trial: 0.60 against 0.51 after 300 tower-only steps)."""
+
+    def __init__(self, width: int, mean, std):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in AUX_LABELS.items()})
+        self.token_head = torch.nn.Linear(width, len(SHAPES) + 1)
+        self.white = ((1 - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)  # a white pixel, normalised
+        self.accuracy = {k: 1 / len(v) for k, v in AUX_LABELS.items()}  # running, for the log
+
+    def token_labels(self, pixels: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        """(B, tokens): each token's shape index where ≥ 10 % of its pixels are ink (not white), else len(SHAPES)."""
+        ink = ((pixels - self.white).abs().amax(1, keepdim=True) > 0.3).float()
+        side = pixels.shape[-1] // math.isqrt(self.tokens)
+        frac = F.avg_pool2d(ink, side).flatten(1)
+        return torch.where(frac > 0.1, shapes[:, None], torch.full_like(frac, len(SHAPES), dtype=torch.long))
+
+    def forward(
+        self, pixels: torch.Tensor, image_embeds: torch.Tensor, targets: list[dict[str, int]], scale: float
+    ) -> torch.Tensor:
+        tokens = image_embeds[:, 1:-1] * scale  # image tokens without boi/eoi, at the projector's scale
+        self.tokens = tokens.shape[1]
+        pooled = tokens.mean(1)
+        losses = []
+        rows = [i for i, t in enumerate(targets) if "shape" in t]
+        if rows:
+            shapes = torch.tensor([targets[i]["shape"] for i in rows])
+            labels = self.token_labels(pixels[rows], shapes)
+            losses.append(F.cross_entropy(self.token_head(tokens[rows]).flatten(0, 1), labels.flatten()))
+        for name, head in self.heads.items():
+            rows = [i for i, t in enumerate(targets) if name in t]
+            if rows:
+                y = torch.tensor([targets[i][name] for i in rows])
+                logits = head(pooled[rows])
+                losses.append(F.cross_entropy(logits, y))
+                hits = (logits.argmax(1) == y).float().sum().item()
+                self.accuracy[name] = 0.98 * self.accuracy[name] + 0.02 * hits / len(rows)
+        return torch.stack(losses).mean()
 
 
 def build(seed: int):
@@ -144,12 +219,13 @@ class Stream:
 
     def image_batch(self, n: int, size: int):
         out = []
-        self.last_kinds = []
+        self.last_kinds, self.last_targets = [], []
         for _ in range(n):
             kind = self.rng.choices(self.kinds, self.weights)[0]
             self.last_kinds.append(kind)
             side = NATIVE if self.rng.random() < 0.6 else self.rng.randint(160, 480)
             item = demo_item(kind, self.rng, side)
+            self.last_targets.append(aux_targets(item.meta))
             im = item.open_image()
             if self.rng.random() < 0.3:
                 buf = io.BytesIO()
@@ -236,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-items", type=int, default=400, help="held-out items scored at the end (0: none)")
     ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the mean-pooled auxiliary heads (0: off)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--probe-every", type=int, default=0, help="score 48 held-out items every N steps (0: never)")
     args = ap.parse_args(argv)
@@ -246,10 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params / 1e6:.2f} M, vocabulary {len(ranks)} ranks", flush=True)
     stream = Stream(tok, args.seed)
+    aux = AuxHeads(config["hidden_size"], stream.proc.mean, stream.proc.std)
+    captured = {}
+    model.transformer.vision.register_forward_hook(lambda m, i, o: captured.update(pixels=i[0], embeds=o))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+        [
+            {"params": decay + list(aux.parameters()), "weight_decay": args.wd},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
     )
     warmup = max(1, args.steps // 30)
 
@@ -268,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = model.config.vision.image_tokens(size) - 3
         loss, rows = batch_loss(model, stream.image_batch(args.batch, size), pad, extra, per_row=True)
         stream.record(stream.last_kinds, rows)
+        if args.aux:
+            scale = model.transformer.vision.scaling_factor
+            loss = loss + args.aux * aux(captured["pixels"], captured["embeds"], stream.last_targets, scale)
         if step % 4 == 0:
             loss = loss + 0.25 * batch_loss(model, stream.text_batch(8), pad, 0)
         for g in opt.param_groups:
@@ -281,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             el = time.time() - t0
             print(f"step {step + 1}/{args.steps} loss {running:.3f} lr {lr_at(step):.2e} {el:.0f}s", flush=True)
             print("  kind losses " + " ".join(f"{k} {v:.2f}" for k, v in stream.loss.items()), flush=True)
+            if args.aux:
+                print("  aux accuracy " + " ".join(f"{k} {v:.2f}" for k, v in aux.accuracy.items()), flush=True)
         if args.probe_every and (step + 1) % args.probe_every == 0:
             model.eval()
             r = held_out(model, tok, 48, size)
@@ -301,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_s, 1),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "final_loss": round(running, 4),
+        "aux": args.aux,
+        "final_loss": round(running, 4),  # answers' loss + aux × the auxiliary heads' loss
     }
     if args.eval_items:
         model.to(torch.bfloat16)  # score what is shipped: the bf16 weights

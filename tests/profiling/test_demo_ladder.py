@@ -11,9 +11,12 @@ import pytest
 from glm4v_edge.cli import main
 
 LIMIT = 48
-# Margins in accuracy below fp32 on these 48 items. On 96 items (docs/PROFILING.md) fp32 scores 0.500, bf16 and
-# int8 0.490, nf4 0.479: one or two answers of 96.
+# Margins in accuracy below fp32 on these 48 items. On 96 items (docs/PROFILING.md) fp32 scores 0.677, bf16, int8
+# and nf4 0.667: one answer of 96.
 MARGIN = {"fp32": 0.0, "bf16": 0.05, "int8": 0.05, "nf4": 0.08}
+# The skills the demo model has learned (held-out accuracy 0.86-1.00): every precision gives fp32's answer on them.
+# Its guesses (the clock and words, at chance) may flip under any perturbation, and count (0.64) now and then.
+LEARNED = ("colour", "shape", "position", "size", "chart")
 
 
 def _run(out) -> dict[str, dict]:
@@ -22,7 +25,11 @@ def _run(out) -> dict[str, dict]:
     )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return {r["precision"]: r for r in rows}
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    by = {r["precision"]: r for r in rows}
+    for r in by.values():
+        r["answers"] = {a["id"]: a for a in answers if a["config"] == r["label"]}
+    return by
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,17 @@ def test_the_demo_model_is_far_above_chance_and_bf16_matches_fp32(ladder):
     rows, _ = ladder
     fp32 = rows["fp32"]
     assert fp32["task"] == "demo" and fp32["n_items"] == LIMIT
-    assert fp32["accuracy"] >= 0.4  # chance is about 0.2 (the demo model's held-out accuracy: 0.525 on 400 items)
-    assert rows["bf16"]["greedy_match"] >= 0.95
+    assert fp32["accuracy"] >= 0.55  # chance is about 0.2 (the demo model's held-out accuracy: 0.69 on 400 items)
+    assert rows["bf16"]["greedy_match"] >= 0.85  # 0.875 here, 0.927 on 96 items: the differences are guesses
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
+def test_each_precision_answers_the_learned_skills_as_fp32_does(ladder, precision):
+    rows, _ = ladder
+    ref, got = rows["fp32"]["answers"], rows[precision]["answers"]
+    learned = [i for i, a in ref.items() if a["category"] in LEARNED]
+    assert len(learned) == LIMIT * len(LEARNED) // 8
+    assert [got[i]["prediction"] for i in learned] == [ref[i]["prediction"] for i in learned]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
