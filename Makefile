@@ -25,7 +25,7 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# Retrain the shipped demo model (glm4v/demo_model, docs/DEMO.md): ~26 min on a 2-core CPU, seeded.
+# Retrain the shipped demo model (glm4v/demo_model, docs/DEMO.md): ~27 min on a 2-core CPU, seeded.
 demo-model: install
 	$(BIN)/python tools/train_demo.py --out glm4v/demo_model $(ARGS)
 

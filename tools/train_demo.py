@@ -1,6 +1,6 @@
 """Train the shipped demo checkpoint: a small model of the exact GLM-4V architecture that answers visual questions.
 
-    .venv/bin/python tools/train_demo.py --out glm4v/demo_model        # ~26 min on a 2-core CPU (make demo-model)
+    .venv/bin/python tools/train_demo.py --out glm4v/demo_model        # ~27 min on a 2-core CPU (make demo-model)
 
 What it builds: the official ``config.json`` fields, key names and folder layout (``glm4v.tiny.write_model_folder``)
 at toy sizes — a 4-layer EVA2-CLIP ViT at 112 px (patch 14, 2×2 conv → 16 image tokens + boi/eoi) and a 4-layer
@@ -16,7 +16,9 @@ way a client's would differ: drawn at other sizes and resized by the server's ow
 
 Initial values matter at this scale (trial runs in docs/DEMO.md): image embeddings scaled to the token embeddings'
 magnitude, 2-D sine-cosine vision positions, fan-in init and mimetic attention for the tower; then AdamW with
-warm-up and cosine decay.
+warm-up and cosine decay. Throw-away auxiliary heads on the mean of the image tokens (:class:`AuxHeads`) teach the
+tower features the language model can read before it has learned where to look: they are what taught it position
+and shape (held-out 0.38 → 0.86 and 0.40 → 0.88).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ ARCH = dict(
 # The model's native vision size: 112 px (8×8 patches → 16 image tokens). A trial run at 224 px native (progressive
 # resizing from 112) learned colour and charts but not position: 224-px steps cost four times as much.
 IMAGE_SIZE = 112
-# Harder kinds are drawn more often (weights found by short runs: colour/shape/size are learned first).
+# Harder kinds are drawn more often (weights found by short runs: colour and size are learned first). A run with
+# count 2.2, colour 0.35, size 0.2 gave count 0.72 but position 0.80 (all 0.698): not kept.
 KIND_WEIGHTS = {
     "colour": 0.5,
     "shape": 1.8,
