@@ -3,6 +3,7 @@
     make serve &                                 # no --model: the shipped demo model (docs/DEMO.md)
     python examples/demo_request.py              # a red circle → "It is red."
     python examples/demo_request.py --shape triangle --colour blue   # → "It is blue."
+    python examples/demo_request.py --shape square --question "What shape is this?"   # → "It is a square."
     python examples/demo_request.py --image my_drawing.png --question "How many squares are there?"
 
 Standard library + Pillow only; the request is the OpenAI chat-completions shape any client sends.
