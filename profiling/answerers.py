@@ -22,8 +22,7 @@ class LocalAnswerer:
         """(prompt ids, pixels (3, N, N)) for an item, at this model's vision size."""
         from glm4v import Message, generation_prompt
 
-        question = item.question + item.meta.get("prompt_suffix", self.suffix)
-        ids = generation_prompt(self.lm.tokenizer, [Message("user", question, has_image=True)]).ids
+        ids = generation_prompt(self.lm.tokenizer, [Message("user", item.prompt(self.suffix), has_image=True)]).ids
         return ids, self.lm.image_processor(item.open_image())
 
     def answer(self, item: Item):
@@ -136,7 +135,7 @@ class HttpAnswerer:
                     "role": "user",
                     "content": [
                         {"type": "image_url", "image_url": {"url": data_url}},
-                        {"type": "text", "text": item.question + item.meta.get("prompt_suffix", self.suffix)},
+                        {"type": "text", "text": item.prompt(self.suffix)},
                     ],
                 }
             ],

@@ -31,6 +31,10 @@ class Item:
     category: str = "user"
     meta: dict = field(default_factory=dict)
 
+    def prompt(self, suffix: str) -> str:
+        """The question as sent: with the answerer's ``suffix`` unless the item carries its own (``prompt_suffix``)."""
+        return self.question + self.meta.get("prompt_suffix", suffix)
+
     def open_image(self) -> Image.Image:
         if isinstance(self.image, Path):
             with Image.open(self.image) as im:

@@ -109,7 +109,7 @@ def aux_targets(meta: dict) -> dict[str, int]:
         out[kind] = AUX_LABELS[kind].index(meta["value"])
     if kind in ("colour", "shape", "position", "size", "count"):
         out["shape"] = SHAPES.index(meta["shape"])
-        out["colour"] = list(COLOURS).index(meta["colour"])
+        out["colour"] = AUX_LABELS["colour"].index(meta["colour"])
     return out
 
 
@@ -130,10 +130,10 @@ class AuxHeads(torch.nn.Module):
         self.white = ((1 - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1)  # a white pixel, normalised
         self.accuracy = {k: 1 / len(v) for k, v in AUX_LABELS.items()}  # running, for the log
 
-    def token_labels(self, pixels: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    def token_labels(self, pixels: torch.Tensor, shapes: torch.Tensor, tokens: int) -> torch.Tensor:
         """(B, tokens): each token's shape index where ≥ 10 % of its pixels are ink (not white), else len(SHAPES)."""
         ink = ((pixels - self.white).abs().amax(1, keepdim=True) > 0.3).float()
-        side = pixels.shape[-1] // math.isqrt(self.tokens)
+        side = pixels.shape[-1] // math.isqrt(tokens)
         frac = F.avg_pool2d(ink, side).flatten(1)
         return torch.where(frac > 0.1, shapes[:, None], torch.full_like(frac, len(SHAPES), dtype=torch.long))
 
@@ -141,13 +141,12 @@ class AuxHeads(torch.nn.Module):
         self, pixels: torch.Tensor, image_embeds: torch.Tensor, targets: list[dict[str, int]], scale: float
     ) -> torch.Tensor:
         tokens = image_embeds[:, 1:-1] * scale  # image tokens without boi/eoi, at the projector's scale
-        self.tokens = tokens.shape[1]
         pooled = tokens.mean(1)
         losses = []
         rows = [i for i, t in enumerate(targets) if "shape" in t]
         if rows:
             shapes = torch.tensor([targets[i]["shape"] for i in rows])
-            labels = self.token_labels(pixels[rows], shapes)
+            labels = self.token_labels(pixels[rows], shapes, tokens.shape[1])
             losses.append(F.cross_entropy(self.token_head(tokens[rows]).flatten(0, 1), labels.flatten()))
         for name, head in self.heads.items():
             rows = [i for i, t in enumerate(targets) if name in t]

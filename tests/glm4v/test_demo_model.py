@@ -129,11 +129,10 @@ def test_the_per_token_labels_mark_the_tokens_that_hold_the_shape(where):
     td = _train_demo()
     proc = ImageProcessor(td.IMAGE_SIZE)
     heads = td.AuxHeads(16, proc.mean, proc.std)
-    heads.tokens = 16
     for seed in range(6):
         shape = SHAPES[seed % 3]
         pixels = proc(draw_position(shape, "black", where, seed))[None]
-        grid = heads.token_labels(pixels, torch.tensor([SHAPES.index(shape)])).view(4, 4)
+        grid = heads.token_labels(pixels, torch.tensor([SHAPES.index(shape)]), 16).view(4, 4)
         marked = grid != len(SHAPES)
         assert marked.any() and (grid[marked] == SHAPES.index(shape)).all()
         edge = {"left": marked[:, 0], "right": marked[:, 3], "top": marked[0], "bottom": marked[3]}[where]
